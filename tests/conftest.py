@@ -1,0 +1,31 @@
+"""Shared fixtures. JAX runs on the CPU in tests unless a GPU test asks otherwise."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest
+
+from mobisearch.arch import ArchSpec
+from mobisearch.presets import tiny
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import jax
+
+    # Catch silent broadcasting bugs (equinox does the same).
+    jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture
+def tiny_arch() -> ArchSpec:
+    return tiny()
+
+
+@pytest.fixture
+def key():  # type: ignore[no-untyped-def]
+    import jax
+
+    return jax.random.key(0)
