@@ -52,17 +52,15 @@ def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> int:
 
 
 def _check_kernel(name: str, value: object) -> int:
-    _check_int(name, value, 1, 15)
-    assert isinstance(value, int)
-    if value % 2 == 0:
-        raise ValueError(f"`{name}` (={value}) must be odd (SAME padding needs a centre tap)")
-    return value
+    kernel = _check_int(name, value, 1, 15)
+    if kernel % 2 == 0:
+        raise ValueError(f"`{name}` (={kernel}) must be odd (SAME padding needs a centre tap)")
+    return kernel
 
 
 def _check_stride(name: str, value: object) -> int:
-    if isinstance(value, bool) or value not in (1, 2):
+    if isinstance(value, bool) or not isinstance(value, int) or value not in (1, 2):
         raise ValueError(f"`{name}` (={value!r}) must be 1 or 2")
-    assert isinstance(value, int)
     return value
 
 
@@ -161,7 +159,7 @@ class BlockSpec:
         values: dict[str, int] = {}
         for opt in opts:
             key, num = opt[:1], opt[1:]
-            if key not in fields or not num.isdigit():
+            if key not in fields or not (num.isascii() and num.isdigit()):
                 raise ValueError(
                     f"block string {text!r}: option {opt!r} must be one of "
                     "r<repeats>, k<kernel>, s<stride>, c<channels>"
@@ -296,7 +294,9 @@ class ArchSpec:
           'mnv1_w050_r24_k5'
         """
         k = self.kernel
-        return f"{self.name}_w{round(self.width * 100):03d}_r{self.resolution}_k{k or 'mix'}"
+        # Half-up rounding to hundredths (Python's round() is half-to-even).
+        w = int(self.width * 100 + 0.5)
+        return f"{self.name}_w{w:03d}_r{self.resolution}_k{k or 'mix'}"
 
     def channels(self, base: int, field: str = "out_ch") -> int:
         """Apply the width multiplier and rounding policy; reject a result of 0."""

@@ -71,8 +71,8 @@ def mobilenet_v1_small(
     """MobileNet v1 for 28×28 / 32×32 images (Fashion-MNIST, MNIST, CIFAR).
 
     The same 13 blocks, but the stem conv has stride 1, so a 28×28 input ends at 2×2
-    rather than 1×1 (28 → 28 → 14 → 7 → 4 → 2); five stride-2 steps from 28 would leave
-    one pixel after the second stage of the paper's network.
+    rather than 1×1 (28 → 28 → 14 → 7 → 4 → 2); the paper's five stride-2 steps would
+    take 28 → 14 → 7 → 4 → 2 → 1, a single pixel in the last stage.
 
     Examples:
       >>> [l.out_hw for l in mobilenet_v1_small().resolve() if l.op == "pw"][::2]
