@@ -298,15 +298,19 @@ def format_count(n: int) -> str:
     Examples:
       >>> format_count(568_740_352), format_count(4_253_864), format_count(999)
       ('568.7M', '4.3M', '999')
+      >>> format_count(20_000_000), format_count(20_000_001)
+      ('20M', '20.0M')
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"count (={n!r}) must be a non-negative integer")
     if n < 1000:
         return str(n)
-    suffix, tenths = "G", (10 * n + 10**9 // 2) // 10**9  # beyond 999.9M; G has no cap
-    for s, unit in (("K", 10**3), ("M", 10**6)):
-        t = (10 * n + unit // 2) // unit  # integer half-up rounding to 0.1 unit
-        if t < 10_000:
-            suffix, tenths = s, t
+    suffix, unit = "G", 10**9  # beyond 999.9M; G has no cap
+    for s, u in (("K", 10**3), ("M", 10**6)):
+        if (10 * n + u // 2) // u < 10_000:
+            suffix, unit = s, u
             break
+    if n % unit == 0:
+        return f"{n // unit}{suffix}"  # exact: `20M`, as a user types a budget
+    tenths = (10 * n + unit // 2) // unit  # integer half-up rounding to 0.1 unit
     return f"{tenths // 10}.{tenths % 10}{suffix}"

@@ -444,7 +444,10 @@ def test_parse_count_rejects_non_strings() -> None:
     [
         (0, "0"),
         (999, "999"),
-        (1000, "1.0K"),
+        (1000, "1K"),  # exact multiples print without a decimal, as a user types them
+        (20_000_000, "20M"),
+        (3_000_000_000, "3G"),
+        (1001, "1.0K"),
         (12_345, "12.3K"),
         (999_949, "999.9K"),
         (999_950, "1.0M"),  # rounds to 1000.0K, so it moves up a unit

@@ -1,0 +1,112 @@
+"""Reading a study back: records, frontier, best, export and load_best."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import optuna
+import pytest
+
+from mobisearch import results, search
+from mobisearch.arch import ArchSpec
+from mobisearch.cost import count_cost
+from mobisearch.space import load_space, resolve_space_path
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+# Hand-picked metrics per candidate index (sorted by MACs): index 1 is dominated by index 0
+# (slower and less accurate), the others form the frontier.
+METRICS = [(0.80, 1.0), (0.78, 2.0), (0.85, 3.0), (0.90, 4.0)]
+
+
+@pytest.fixture
+def study(tmp_path):  # type: ignore[no-untyped-def]
+    space = load_space(resolve_space_path("quick"))
+    plan = search.plan_search(space)
+    by_id = {a.display_id: i for i, (a, _) in enumerate(plan.kept)}
+
+    def evaluate(arch: ArchSpec) -> dict[str, object]:
+        acc, lat = METRICS[by_id[arch.display_id]]
+        return {"status": "ok", "val_accuracy": acc, "latency_ms": lat, "latency_batch": 1}
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    s = search.open_or_create_study(storage, "quick", search.recipe_fingerprint(space))
+    search.run_search(s, plan, evaluate)
+    return s
+
+
+def test_records_and_frontier(study) -> None:  # type: ignore[no-untyped-def]
+    records = results.trial_records(study)
+    assert len(records) == 4
+    front = results.frontier(records)
+    assert [(r["val_accuracy"], r["latency_ms"]) for r in front] == [
+        (0.80, 1.0),
+        (0.85, 3.0),
+        (0.90, 4.0),
+    ]
+
+
+def test_best_under_constraints(study) -> None:  # type: ignore[no-untyped-def]
+    records = results.trial_records(study)
+    assert results.best_record(records)["val_accuracy"] == 0.90
+    assert results.best_record(records, max_latency_ms=3.5)["val_accuracy"] == 0.85
+    macs = sorted(r["macs"] for r in records)
+    best = results.best_record(records, max_macs=macs[1])
+    assert best["macs"] <= macs[1]
+    assert best["val_accuracy"] == 0.80
+    with pytest.raises(ValueError, match="no finished candidate meets") as e:
+        results.best_record(records, max_latency_ms=0.5)
+    assert "fastest finished candidate" in str(e.value)
+
+
+def test_load_best_from_study_storage_and_json(tmp_path, study) -> None:  # type: ignore[no-untyped-def]
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    arch = results.load_best(study, max_latency_ms=3.5)
+    assert results.load_best(storage, max_latency_ms=3.5) == arch
+    assert count_cost(arch).macs == results.best_record(
+        results.trial_records(study), max_latency_ms=3.5
+    )["macs"]
+    path = results.export_best(results.best_record(results.trial_records(study)), tmp_path / "b.json")
+    loaded = results.load_best(path)
+    assert loaded.display_id == results.best_record(results.trial_records(study))["display_id"]
+    # A bare architecture JSON reads too.
+    bare = tmp_path / "arch.json"
+    bare.write_text(json.dumps(loaded.to_dict()))
+    assert results.load_best(bare) == loaded
+
+
+def test_bad_json_names_the_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        results.read_arch_json(bad)
+    with pytest.raises(ValueError, match="missing.json: no such file"):
+        results.read_arch_json(tmp_path / "missing.json")
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"arch_def": [["dsa_c0"]]}))
+    with pytest.raises(ValueError, match="wrong.json"):
+        results.read_arch_json(wrong)
+
+
+def test_load_study_errors(tmp_path, study) -> None:  # type: ignore[no-untyped-def]
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    assert results.load_study(storage).study_name == "quick"
+    with pytest.raises(ValueError, match="no study named 'nope'"):
+        results.load_study(storage, "nope")
+    optuna.create_study(storage=storage, study_name="other")
+    with pytest.raises(ValueError, match="holds 2 studies"):
+        results.load_study(storage)
+
+
+def test_csv_and_frontier_json(tmp_path, study) -> None:  # type: ignore[no-untyped-def]
+    records = results.trial_records(study)
+    results.write_trials_csv(records, tmp_path / "t.csv")
+    with (tmp_path / "t.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["display_id"] for r in rows] == [r["display_id"] for r in records]
+    assert {float(r["val_accuracy"]) for r in rows} == {m[0] for m in METRICS}
+    results.write_frontier_json(results.frontier(records), tmp_path / "f.json")
+    front = json.loads((tmp_path / "f.json").read_text())
+    assert len(front) == 3
+    assert ArchSpec.from_dict(front[0]["arch"]).display_id == front[0]["display_id"]

@@ -1,0 +1,216 @@
+"""The search driver over a real SQLite study, with a cost-only evaluator injected."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from mobisearch import search
+from mobisearch.arch import ArchSpec
+from mobisearch.cost import count_cost
+from mobisearch.space import load_space, resolve_space_path
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture
+def space():  # type: ignore[no-untyped-def]
+    return load_space(resolve_space_path("quick"))
+
+
+def fake_metrics(arch: ArchSpec) -> dict[str, Any]:
+    """Accuracy grows with MACs, latency too: every candidate is on the frontier."""
+    macs = count_cost(arch).macs
+    return {"status": "ok", "val_accuracy": 0.5 + macs / 1e8, "latency_ms": macs / 1e5}
+
+
+class Recorder:
+    def __init__(self, fail: dict[str, Any] | None = None) -> None:
+        self.calls: list[str] = []
+        self.fail = fail or {}
+
+    def __call__(self, arch: ArchSpec) -> dict[str, Any]:
+        self.calls.append(arch.display_id)
+        action = self.fail.get(arch.display_id)
+        if action == "interrupt":
+            raise KeyboardInterrupt
+        if action == "raise":
+            raise RuntimeError("out of memory")
+        if action == "diverge":
+            return {"status": "diverged", "reason": "loss became nan at step 5"}
+        return fake_metrics(arch)
+
+
+def new_study(tmp_path, space, name: str = "s"):  # type: ignore[no-untyped-def]
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    return search.open_or_create_study(storage, name, search.recipe_fingerprint(space))
+
+
+def test_plan_drops_over_budget_before_anything_runs(space) -> None:  # type: ignore[no-untyped-def]
+    costs = sorted(count_cost(a).macs for a in space.candidates())
+    plan = search.plan_search(space, max_macs=costs[1])
+    assert plan.total == len(space.candidates()) == 4
+    assert [c.macs for _, c in plan.kept] == costs[:2]
+    assert all(c.macs > costs[1] for _, c, _ in plan.dropped)
+    assert all("MACs" in why for _, _, why in plan.dropped)
+    assert "4 candidates, 2 within the budget" in plan.summary()
+
+
+def test_plan_max_params(space) -> None:  # type: ignore[no-untyped-def]
+    params = sorted(count_cost(a).params for a in space.candidates())
+    plan = search.plan_search(space, max_params=params[0])
+    assert all(c.params <= params[0] for _, c in plan.kept)
+    assert all("params" in why for _, _, why in plan.dropped)
+
+
+def test_budget_below_cheapest_names_it(space) -> None:  # type: ignore[no-untyped-def]
+    cheapest = min(space.candidates(), key=lambda a: count_cost(a).macs)
+    with pytest.raises(search.BudgetError) as e:
+        search.plan_search(space, max_macs=1000)
+    assert cheapest.display_id in str(e.value)
+    assert f"{count_cost(cheapest).macs:,}" in str(e.value)
+
+
+def test_search_stores_every_candidate_once(tmp_path, space) -> None:  # type: ignore[no-untyped-def]
+    plan = search.plan_search(space)
+    study = new_study(tmp_path, space)
+    evaluate = Recorder()
+    search.run_search(study, plan, evaluate)
+    assert sorted(evaluate.calls) == sorted(a.display_id for a, _ in plan.kept)
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 4
+    for t in trials:
+        arch = ArchSpec.from_dict(t.user_attrs["arch"])
+        assert arch.display_id == t.user_attrs["display_id"]
+        assert t.user_attrs["macs"] == count_cost(arch).macs
+        assert t.values == [t.user_attrs["val_accuracy"], t.user_attrs["latency_ms"]]
+    # A second run with the same arguments evaluates nothing.
+    again = Recorder()
+    search.run_search(study, plan, again)
+    assert again.calls == []
+    assert len(study.trials) == 4
+
+
+def test_diverged_is_recorded_and_not_retried(tmp_path, space) -> None:  # type: ignore[no-untyped-def]
+    plan = search.plan_search(space)
+    bad = plan.kept[1][0].display_id
+    study = new_study(tmp_path, space)
+    search.run_search(study, plan, Recorder({bad: "diverge"}))
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert [t.user_attrs["display_id"] for t in failed] == [bad]
+    assert failed[0].user_attrs["status"] == "diverged"
+    assert "nan" in failed[0].user_attrs["reason"]
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
+    again = Recorder()
+    search.run_search(study, plan, again)
+    assert again.calls == []
+
+
+def test_error_is_recorded_and_search_goes_on(tmp_path, space) -> None:  # type: ignore[no-untyped-def]
+    plan = search.plan_search(space)
+    bad = plan.kept[0][0].display_id
+    study = new_study(tmp_path, space)
+    evaluate = Recorder({bad: "raise"})
+    search.run_search(study, plan, evaluate)
+    assert len(evaluate.calls) == 4
+    (failed,) = study.get_trials(states=(TrialState.FAIL,))
+    assert failed.user_attrs["status"] == "error"
+    assert "out of memory" in failed.user_attrs["reason"]
+    # An error (unlike a divergence) is retried by the next run.
+    again = Recorder()
+    search.run_search(study, plan, again)
+    assert again.calls == [bad]
+
+
+def test_interrupt_then_resume(tmp_path, space) -> None:  # type: ignore[no-untyped-def]
+    plan = search.plan_search(space)
+    ids = [a.display_id for a, _ in plan.kept]
+    study = new_study(tmp_path, space)
+    first = Recorder({ids[2]: "interrupt"})
+    with pytest.raises(KeyboardInterrupt):
+        search.run_search(study, plan, first)
+    assert first.calls == ids[:3]
+    (failed,) = study.get_trials(states=(TrialState.FAIL,))
+    assert failed.user_attrs["status"] == "interrupted"
+    second = Recorder()
+    search.run_search(study, plan, second)
+    assert sorted(second.calls) == sorted(ids[2:])  # the interrupted one and the rest
+    done = [t.user_attrs["display_id"] for t in study.get_trials(states=(TrialState.COMPLETE,))]
+    assert sorted(done) == sorted(ids)
+
+
+KILLED_SEARCH = textwrap.dedent(
+    """
+    import os, signal, sys
+    from mobisearch import search
+    from mobisearch.cost import count_cost
+    from mobisearch.space import load_space, resolve_space_path
+
+    space = load_space(resolve_space_path("quick"))
+    plan = search.plan_search(space)
+    study = search.open_or_create_study(sys.argv[1], "s", search.recipe_fingerprint(space))
+    calls = []
+
+    def evaluate(arch):
+        calls.append(arch.display_id)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGKILL)  # die mid-candidate, no clean-up
+        macs = count_cost(arch).macs
+        return {"status": "ok", "val_accuracy": macs / 1e8, "latency_ms": macs / 1e5}
+
+    search.run_search(study, plan, evaluate)
+    """
+)
+
+
+def test_killed_process_is_resumed(tmp_path, space) -> None:  # type: ignore[no-untyped-def]
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_SEARCH, storage], capture_output=True, timeout=120
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    study = optuna.load_study(study_name="s", storage=storage)
+    running = study.get_trials(states=(TrialState.RUNNING,))
+    assert len(running) == 1
+    killed = running[0].user_attrs["display_id"]
+    finished = {t.user_attrs["display_id"] for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    assert len(finished) == 2
+    plan = search.plan_search(space)
+    resume = Recorder()
+    search.run_search(study, plan, resume)
+    assert killed in resume.calls
+    assert not finished & set(resume.calls)
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 4
+    assert study.trials[running[0].number].user_attrs["status"] == "interrupted"
+
+
+def test_running_trial_of_a_live_process_is_left_alone(tmp_path, space) -> None:  # type: ignore[no-untyped-def]
+    study = new_study(tmp_path, space)
+    trial = study.ask()
+    trial.set_user_attr("display_id", "x")
+    trial.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")
+    assert search.recover_interrupted(study) == []
+    assert study.trials[trial.number].state == TrialState.RUNNING
+
+
+def test_recipe_mismatch_refuses_and_keeps_the_study(tmp_path, space) -> None:  # type: ignore[no-untyped-def]
+    study = new_study(tmp_path, space)
+    search.run_search(study, search.plan_search(space), Recorder())
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    with pytest.raises(ValueError, match="another recipe"):
+        search.open_or_create_study(storage, "s", '{"train": "different"}')
+    reloaded = optuna.load_study(study_name="s", storage=storage)
+    assert len(reloaded.get_trials(states=(TrialState.COMPLETE,))) == 4
+
+
+def test_default_study_name(space) -> None:  # type: ignore[no-untyped-def]
+    assert search.default_study_name(space, 20_000_000, None) == "quick-macs20M"
+    assert search.default_study_name(space, None, None) == "quick"
