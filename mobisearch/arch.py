@@ -152,9 +152,7 @@ class BlockSpec:
             raise ValueError(f"block string (={text!r}) must be a non-empty string")
         kind, *opts = text.split("_")
         if kind not in BLOCK_KINDS:
-            raise ValueError(
-                f"block string {text!r}: kind {kind!r} must be one of {BLOCK_KINDS}"
-            )
+            raise ValueError(f"block string {text!r}: kind {kind!r} must be one of {BLOCK_KINDS}")
         fields = {"r": "repeats", "k": "kernel", "s": "stride", "c": "out_ch"}
         values: dict[str, int] = {}
         for opt in opts:
@@ -372,13 +370,25 @@ class ArchSpec:
                 i += 1
         layers.append(
             LayerSpec(
-                name="pool", op="pool", in_ch=c, out_ch=c, kernel=hw, in_hw=hw, out_hw=1,
-                groups=c, act=False,
+                name="pool",
+                op="pool",
+                in_ch=c,
+                out_ch=c,
+                kernel=hw,
+                in_hw=hw,
+                out_hw=1,
+                groups=c,
+                act=False,
             )
         )
         layers.append(
             LayerSpec(
-                name="head", op="fc", in_ch=c, out_ch=self.num_classes, in_hw=1, out_hw=1,
+                name="head",
+                op="fc",
+                in_ch=c,
+                out_ch=self.num_classes,
+                in_hw=1,
+                out_hw=1,
                 act=False,
             )
         )
@@ -421,11 +431,16 @@ class ArchSpec:
         known |= {"arch_def", "format", "display_id"}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown key {unknown[0]!r}; expected one of {sorted(known)}")
-        if d.get("format", FORMAT_VERSION) != FORMAT_VERSION:
+            raise ValueError(
+                f"{source}: unknown key {unknown[0]!r}; expected one of {sorted(known)}"
+            )
+        fmt = d.get("format", FORMAT_VERSION)
+        if isinstance(fmt, bool) or fmt != FORMAT_VERSION:
             raise ValueError(f"{source}: format = {d['format']!r}, expected {FORMAT_VERSION}")
         if "arch_def" not in d:
-            raise ValueError(f"{source}: missing key 'arch_def' (list of stage lists of block strings)")
+            raise ValueError(
+                f"{source}: missing key 'arch_def' (a list of stage lists of block strings)"
+            )
         arch_def = d["arch_def"]
         if not isinstance(arch_def, Sequence) or isinstance(arch_def, str):
             raise ValueError(f"{source}: arch_def = {arch_def!r}, expected a list of lists")
@@ -433,7 +448,8 @@ class ArchSpec:
         for i, stage in enumerate(arch_def):
             if not isinstance(stage, Sequence) or isinstance(stage, str) or not stage:
                 raise ValueError(
-                    f"{source}: arch_def[{i}] = {stage!r}, expected a non-empty list of block strings"
+                    f"{source}: arch_def[{i}] = {stage!r}, "
+                    "expected a non-empty list of block strings"
                 )
             try:
                 stages.append(tuple(BlockSpec.from_string(s) for s in stage))

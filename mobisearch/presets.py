@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from mobisearch.arch import ArchSpec, BlockSpec
 
-
 _MOBILENET_V1_ARCH_DEF = (
     ("dsa_r1_k3_s1_c64",),  # stage 1: 112x112 in at 224
     ("dsa_r2_k3_s2_c128",),  # stage 2: 112x112 in -> 56x56
