@@ -77,14 +77,34 @@ def load_study(storage: str, study_name: str | None = None) -> optuna.Study:
     return optuna.load_study(study_name=study_name, storage=storage)
 
 
+# Study attribute holding `{display_id: accuracy}` on the test split for frontier members.
+# (A finished optuna trial cannot be changed, so it lives on the study.)
+TEST_ACCURACY_ATTR = "test_accuracy"
+
+
 def trial_records(study: optuna.Study) -> list[Record]:
-    """One record per candidate trial (COMPLETE or FAIL), in trial order."""
+    """One record per candidate trial (COMPLETE or FAIL), in trial order.
+
+    Frontier members evaluated on the test split carry `test_accuracy`.
+    """
+    test = study.user_attrs.get(TEST_ACCURACY_ATTR, {})
     records = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
-        if "display_id" not in t.user_attrs:
+        did = t.user_attrs.get("display_id")
+        if did is None:
             continue
-        records.append({"number": t.number, "state": t.state.name, **t.user_attrs})
+        record = {"number": t.number, "state": t.state.name, **t.user_attrs}
+        if t.state == TrialState.COMPLETE and did in test:
+            record["test_accuracy"] = test[did]
+        records.append(record)
     return records
+
+
+def record_test_accuracy(study: optuna.Study, display_id: str, accuracy: float) -> None:
+    """Store a frontier member's test-split accuracy on the study."""
+    test = dict(study.user_attrs.get(TEST_ACCURACY_ATTR, {}))
+    test[display_id] = accuracy
+    study.set_user_attr(TEST_ACCURACY_ATTR, test)
 
 
 def _ok(record: Mapping[str, Any]) -> bool:

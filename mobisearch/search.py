@@ -24,7 +24,7 @@ import json
 import os
 import socket
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 from optuna.trial import TrialState
@@ -33,7 +33,8 @@ from mobisearch.arch import ArchSpec
 from mobisearch.cost import Cost, count_cost, format_count
 from mobisearch.space import SearchSpace
 
-DIRECTIONS = ("maximize", "minimize")  # validation accuracy, latency
+# Validation accuracy, latency.
+DIRECTIONS: tuple[Literal["maximize", "minimize"], ...] = ("maximize", "minimize")
 # Final statuses of a FAILED trial that mean "do not try this candidate again".
 FINAL_FAILURES = frozenset({"diverged"})
 

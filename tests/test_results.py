@@ -64,12 +64,14 @@ def test_load_best_from_study_storage_and_json(tmp_path, study) -> None:  # type
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     arch = results.load_best(study, max_latency_ms=3.5)
     assert results.load_best(storage, max_latency_ms=3.5) == arch
-    assert count_cost(arch).macs == results.best_record(
-        results.trial_records(study), max_latency_ms=3.5
-    )["macs"]
-    path = results.export_best(results.best_record(results.trial_records(study)), tmp_path / "b.json")
+    assert (
+        count_cost(arch).macs
+        == results.best_record(results.trial_records(study), max_latency_ms=3.5)["macs"]
+    )
+    best = results.best_record(results.trial_records(study))
+    path = results.export_best(best, tmp_path / "b.json")
     loaded = results.load_best(path)
-    assert loaded.display_id == results.best_record(results.trial_records(study))["display_id"]
+    assert loaded.display_id == best["display_id"]
     # A bare architecture JSON reads too.
     bare = tmp_path / "arch.json"
     bare.write_text(json.dumps(loaded.to_dict()))

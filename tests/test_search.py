@@ -181,7 +181,8 @@ def test_killed_process_is_resumed(tmp_path, space) -> None:  # type: ignore[no-
     running = study.get_trials(states=(TrialState.RUNNING,))
     assert len(running) == 1
     killed = running[0].user_attrs["display_id"]
-    finished = {t.user_attrs["display_id"] for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    finished = {t.user_attrs["display_id"] for t in complete}
     assert len(finished) == 2
     plan = search.plan_search(space)
     resume = Recorder()

@@ -1,0 +1,435 @@
+"""The `mobisearch` command: thin argument parsing over the library.
+
+Each subcommand parses its arguments and calls library functions; bad input (an unknown
+file, bad TOML, a bad value) ends with exit status 2 and a one-line message, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from mobisearch.arch import ArchSpec
+from mobisearch.cost import Cost, count_cost, format_count, parse_count
+from mobisearch.presets import mobilenet_v1
+
+if TYPE_CHECKING:
+    import optuna
+
+    from mobisearch.data import Dataset
+    from mobisearch.space import SearchSpace
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (plus where to find help), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _count(text: str) -> int:
+    try:
+        return parse_count(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _layer_table(arch: ArchSpec, cost: Cost) -> str:
+    head = f"{'layer':<14}{'op':<5}{'in->out ch':>14}{'k':>3}{'s':>3}{'in->out hw':>12}"
+    head += f"{'MACs':>14}{'params':>11}"
+    rows = [f"{arch.display_id}: {arch.in_ch}x{arch.resolution}x{arch.resolution} input", head]
+    for layer, lc in zip(arch.resolve(), cost.by_layer, strict=True):
+        rows.append(
+            f"{layer.name:<14}{layer.op:<5}{f'{layer.in_ch}->{layer.out_ch}':>14}"
+            f"{layer.kernel:>3}{layer.stride:>3}{f'{layer.in_hw}->{layer.out_hw}':>12}"
+            f"{lc.macs:>14,}{lc.params:>11,}"
+        )
+    rows.append(
+        f"total: {cost.macs:,} MACs ({format_count(cost.macs)}), {cost.params:,} params "
+        f"(Keras convention; {cost.weights:,} conv+fc weights), peak activations "
+        f"{cost.peak_activation_bytes:,} bytes"
+    )
+    return "\n".join(rows)
+
+
+def _cost_record(arch: ArchSpec, cost: Cost) -> dict[str, object]:
+    return {
+        "display_id": arch.display_id,
+        "width": arch.width,
+        "resolution": arch.resolution,
+        "kernel": arch.kernel,
+        "macs": cost.macs,
+        "params": cost.params,
+        "weights": cost.weights,
+        "peak_activation_bytes": cost.peak_activation_bytes,
+    }
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    """`mobisearch cost`: one architecture's cost, or every candidate of a space."""
+    if args.space is None:
+        arch = mobilenet_v1(
+            args.width,
+            args.resolution,
+            args.kernel_size,
+            num_classes=args.classes,
+            in_ch=args.in_channels,
+        )
+        cost = count_cost(arch)
+        if args.json:
+            print(json.dumps(_cost_record(arch, cost) | {"arch": arch.to_dict()}))
+        else:
+            print(_layer_table(arch, cost))
+        return 0
+    from mobisearch.space import load_space, resolve_space_path
+
+    space = load_space(resolve_space_path(args.space))
+    rows = [(a, count_cost(a)) for a in space.candidates()]
+    rows.sort(key=lambda r: (r[1].macs, r[0].display_id))
+    kept = [
+        r
+        for r in rows
+        if (args.budget is None or r[1].macs <= args.budget)
+        and (args.max_params is None or r[1].params <= args.max_params)
+    ]
+    if args.json:
+        print(json.dumps([_cost_record(a, c) for a, c in kept], indent=1))
+        return 0
+    print(f"{'candidate':<22}{'MACs':>14}{'params':>12}{'peak act. bytes':>17}")
+    for a, c in kept:
+        print(f"{a.display_id:<22}{c.macs:>14,}{c.params:>12,}{c.peak_activation_bytes:>17,}")
+    print(f"{len(kept)} of {len(rows)} candidates of {space.path}", end="")
+    print(f" within {format_count(args.budget)} MACs" if args.budget is not None else "")
+    return 0
+
+
+def _load_space(args: argparse.Namespace) -> SearchSpace:
+    from mobisearch.space import DEFAULT_SPACE, apply_overrides, load_space, resolve_space_path
+
+    space = load_space(resolve_space_path(args.space or DEFAULT_SPACE))
+    return apply_overrides(space, args.set) if getattr(args, "set", None) else space
+
+
+def _out_dir(args: argparse.Namespace, space: SearchSpace) -> pathlib.Path:
+    return pathlib.Path(args.out_dir or pathlib.Path("results") / space.name)
+
+
+def _storage(args: argparse.Namespace, space: SearchSpace) -> str:
+    return args.storage or f"sqlite:///{_out_dir(args, space) / 'study.db'}"
+
+
+def _load_data(space: SearchSpace, data_dir: str | None) -> Dataset:
+    from mobisearch.data import load_dataset
+
+    if space.data is None or space.train is None:
+        raise UsageError(
+            f"{space.path}: has no [data] and [train] sections, so it can only be costed "
+            f"(mobisearch cost --space {space.path})"
+        )
+    d = space.data
+    return load_dataset(
+        d.dataset,
+        data_dir=data_dir,
+        validation_size=d.validation_size,
+        split_seed=d.split_seed,
+        train_size=d.train_size,
+    )
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """`mobisearch search`: filter by budget, rank the survivors, write the frontier."""
+    from mobisearch import search
+
+    space = _load_space(args)
+    plan = search.plan_search(space, max_macs=args.budget, max_params=args.max_params)
+    data = _load_data(space, args.data_dir)  # fail on bad data before touching the study
+    print(f"{space.path}: {plan.summary()}")
+    for arch, _, why in plan.dropped:
+        print(f"  dropped {arch.display_id}: {why}")
+    out_dir = _out_dir(args, space)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    storage = _storage(args, space)
+    name = args.study_name or search.default_study_name(space, args.budget, args.max_params)
+    latency_batch = args.latency_batch or space.latency.batch_size
+    extra = {"latency_batch": latency_batch, "depthwise": args.depthwise}
+    study = search.open_or_create_study(storage, name, search.recipe_fingerprint(space, extra))
+    for key, value in {
+        "space": space.name,
+        "space_path": space.path,
+        "max_macs": args.budget,
+        "max_params": args.max_params,
+        "dataset": data.name,
+    }.items():
+        study.set_user_attr(key, value)
+    print(f"study {name!r} in {storage}")
+
+    from mobisearch.rank import Ranker
+
+    ranker = Ranker(
+        space,
+        data,
+        checkpoint_dir=out_dir / "checkpoints" / name,
+        latency_batch=latency_batch,
+        depthwise=args.depthwise,
+    )
+    with _Progress(len(plan.kept), enabled=not args.quiet) as progress:
+        search.run_search(study, plan, ranker, on_start=progress.start, on_done=progress.done)
+    front = finish_search(study, ranker, out_dir)
+    print(_frontier_table(front))
+    print(f"wrote {out_dir}/trials.csv, frontier.json, best.json, pareto.png")
+    return 0
+
+
+def finish_search(study: optuna.Study, ranker: Any, out_dir: pathlib.Path) -> list[dict]:
+    """Evaluate the frontier once on the test split, then write the exports and the plot."""
+    from mobisearch import results
+
+    front = results.frontier(results.trial_records(study))
+    for r in front:
+        if "test_accuracy" not in r:
+            arch = ArchSpec.from_dict(r["arch"], source=f"trial {r['number']}")
+            r["test_accuracy"] = ranker.test_accuracy(arch)
+            results.record_test_accuracy(study, r["display_id"], r["test_accuracy"])
+    records = results.trial_records(study)
+    results.write_trials_csv(records, out_dir / "trials.csv")
+    results.write_frontier_json(front, out_dir / "frontier.json")
+    if front:
+        results.export_best(results.best_record(records), out_dir / "best.json")
+    _plot(study, records, out_dir / "pareto.png")
+    return front
+
+
+def _plot(study: optuna.Study, records: list[dict], path: pathlib.Path) -> pathlib.Path:
+    from mobisearch.plotting import frontier_info, plot_frontier
+
+    attrs = study.user_attrs
+    devices = {str(r.get("device", {}).get("device_kind", "")) for r in records if "device" in r}
+    budget = attrs.get("max_macs")
+    budget_text = f"{format_count(budget)} MACs" if budget else "none"
+    title = (
+        f"{attrs.get('dataset', '?')}: {study.study_name}, budget {budget_text}, "
+        f"device {', '.join(sorted(devices))}"
+    )
+    batch = next((r["latency_batch"] for r in records if "latency_batch" in r), 1)
+    info = frontier_info(records, title=title)
+    info = info._replace(xlabel=f"latency (ms, batch {batch}, median)")
+    plot_frontier(info, path=str(path))
+    return path
+
+
+def _frontier_table(front: list[dict]) -> str:
+    rows = [f"{'frontier':<22}{'MACs':>12}{'val acc':>9}{'test acc':>9}{'latency ms':>12}"]
+    for r in front:
+        rows.append(
+            f"{r['display_id']:<22}{format_count(r['macs']):>12}{r['val_accuracy']:>9.4f}"
+            f"{r.get('test_accuracy', float('nan')):>9.4f}{r['latency_ms']:>12.3f}"
+        )
+    return "\n".join(rows)
+
+
+class _Progress:
+    """tqdm progress bar: candidates done / total, current candidate, elapsed, ETA, best."""
+
+    def __init__(self, total: int, *, enabled: bool) -> None:
+        self.total, self.enabled, self.best = total, enabled, float("nan")
+        self.bar: Any = None
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def start(self, arch: ArchSpec, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit="cand", dynamic_ncols=True)
+        self.bar.set_description(arch.display_id)
+
+    def done(self, arch: ArchSpec, metrics: Any) -> None:
+        if metrics.get("status") != "ok":
+            message = f"{arch.display_id}: {metrics.get('status')}: {metrics.get('reason')}"
+            if self.bar is not None:
+                self.bar.write(message)
+            else:
+                print(message, file=sys.stderr)
+        acc = metrics.get("val_accuracy", float("nan"))
+        if acc == acc and not (self.best >= acc):
+            self.best = acc
+        if self.bar is not None:
+            self.bar.set_postfix(best_val_acc=f"{self.best:.4f}", last=metrics.get("status"))
+            self.bar.update(1)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """`mobisearch plot`: the accuracy/latency frontier of a study as a PNG."""
+    from mobisearch import results
+
+    space = _load_space(args)
+    study = results.load_study(_storage(args, space), args.study_name)
+    path = pathlib.Path(args.output or _out_dir(args, space) / "pareto.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    print(_plot(study, results.trial_records(study), path))
+    return 0
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    """`mobisearch best`: the most accurate finished candidate within the constraints."""
+    from mobisearch import results
+
+    space = _load_space(args)
+    study = results.load_study(_storage(args, space), args.study_name)
+    record = results.best_record(
+        results.trial_records(study),
+        max_macs=args.max_macs,
+        max_latency_ms=args.max_latency_ms,
+        max_params=args.max_params,
+    )
+    if args.output:
+        results.export_best(record, args.output)
+    if args.json:
+        print(json.dumps(record["arch"]))
+    else:
+        print(
+            f"{record['display_id']}: val acc {record['val_accuracy']:.4f}, "
+            f"{record['latency_ms']:.3f} ms, {record['macs']:,} MACs, {record['params']:,} params"
+        )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """`mobisearch train`: train one config fully and report its test accuracy."""
+    from mobisearch.results import read_arch_json
+
+    arch = read_arch_json(args.config)
+    space = _load_space(args)
+    data = _load_data(space, args.data_dir)
+    assert space.train is not None
+    from mobisearch.data import image_mean_std
+    from mobisearch.train import evaluate, train_and_evaluate
+
+    steps = max(1, args.epochs * len(data.x_train) // space.train.batch_size)
+    cfg = dataclasses.replace(space.train, steps=steps, warmup_steps=min(steps // 20, 500))
+    print(f"training {arch.display_id} for {args.epochs} epochs ({steps} steps) on {data.name}")
+    result = train_and_evaluate(arch, cfg, data, seed=args.seed)
+    if result.status != "ok":
+        raise UsageError(f"training {arch.display_id} failed: {result.reason}")
+    test_acc, _ = evaluate(
+        arch, result.state, data.x_test, data.y_test, cfg=cfg, stats=image_mean_std(data.x_train)
+    )
+    record = {
+        "display_id": arch.display_id,
+        "epochs": args.epochs,
+        "steps": steps,
+        "val_accuracy": result.val_accuracy,
+        "test_accuracy": test_acc,
+        "train_s": result.train_s,
+        "compile_s": result.compile_s,
+    }
+    print(json.dumps(record) if args.json else "\n".join(f"{k}: {v}" for k, v in record.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `mobisearch` command."""
+    parser = _Parser(
+        prog="mobisearch",
+        description="Find the most accurate MobileNet-style network for a compute budget.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("cost", help="exact MACs, parameters and peak activation memory")
+    p.add_argument("--width", type=float, default=1.0, help="width multiplier alpha")
+    p.add_argument("--resolution", type=int, default=224, help="input resolution (pixels)")
+    p.add_argument("--kernel-size", type=int, default=3, help="depthwise kernel size")
+    p.add_argument("--classes", type=int, default=1000, help="classifier outputs")
+    p.add_argument("--in-channels", type=int, default=3, help="input image channels")
+    p.add_argument("--space", help="a search-space TOML file (or a shipped space's name)")
+    p.add_argument("--budget", type=_count, help="keep candidates within this many MACs")
+    p.add_argument("--max-params", type=_count, help="keep candidates within this many params")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_cost)
+
+    def study_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--space", help="search-space TOML file or shipped name (fashion_mnist)")
+        p.add_argument("--storage", help="optuna storage URL (default: results/<space>/study.db)")
+        p.add_argument("--study-name", help="study in the storage (default: from the budget)")
+        p.add_argument("--out-dir", help="results folder (default: results/<space>)")
+
+    p = sub.add_parser("search", help="rank the candidates within a budget")
+    study_args(p)
+    p.add_argument("--budget", type=_count, help="max MACs per candidate (e.g. 20M)")
+    p.add_argument("--max-params", type=_count, help="max parameters per candidate")
+    p.add_argument("--data-dir", help="folder with the dataset's IDX files")
+    p.add_argument("--latency-batch", type=int, help="batch size of the latency measurement")
+    p.add_argument("--depthwise", help="depthwise-conv implementation (default: fastest)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a space value, e.g. train.steps=100 (repeatable)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("plot", help="plot a study's accuracy/latency frontier (PNG)")
+    study_args(p)
+    p.add_argument("--output", help="PNG path (default: <out-dir>/pareto.png)")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("best", help="the best finished candidate within constraints")
+    study_args(p)
+    p.add_argument("--max-macs", type=_count)
+    p.add_argument("--max-latency-ms", type=float)
+    p.add_argument("--max-params", type=_count)
+    p.add_argument("--output", help="also write the best-config JSON here")
+    p.add_argument("--json", action="store_true", help="print the architecture as JSON")
+    p.set_defaults(func=cmd_best)
+
+    p = sub.add_parser("train", help="train one config fully; report its test accuracy")
+    p.add_argument("--config", required=True, help="best-config or architecture JSON file")
+    p.add_argument("--space", help="space whose dataset and recipe to use")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", help="folder with the dataset's IDX files")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `mobisearch` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    import optuna
+
+    # optuna logs every study creation and trial at INFO; the progress bar says enough.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return int(args.func(args))
+    except (UsageError, ValueError, OSError) as e:
+        # ValueError covers SpaceError, invalid architectures and bad data files; each
+        # message already names the file, key and value.
+        print(f"mobisearch {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mobisearch {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,669 @@
+"""Flax NNX MobileNet built from a resolved layer list, and the depthwise-conv hot spot.
+
+The model reads `ArchSpec.resolve()` and nothing else: every channel count, kernel size
+and stride comes from a `LayerSpec`, so the model and `mobisearch.cost` cannot disagree.
+Layout is NHWC throughout.
+
+State paths are stable and mirror `LayerSpec.name` (so saved params stay loadable):
+
+* `stem/conv/kernel`, `stem/bn/{scale,bias,mean,var}`
+* `blocks/<i>/dw/conv/kernel`, `blocks/<i>/dw/bn/...`, `blocks/<i>/pw/conv/kernel`,
+  `blocks/<i>/pw/bn/...`
+* `head/{kernel,bias}`
+
+The depthwise convolution, `H·W·C·k²` of the block's `H·W·C·k² + H·W·C·C_out` MACs
+(paper §3.1), is the one layer whose speed depends strongly on how it is written. It is
+kept behind `depthwise_conv(x, kernel, stride=..., impl=...)`; `DEPTHWISE_IMPLS` lists the
+variants and `default_depthwise_impl` picks one per backend, by measurement
+(`scripts/bench_depthwise.py`). All variants take the same `(k, k, 1, C)` kernel as a
+grouped `nnx.Conv`, so params are interchangeable between them.
+
+Examples:
+    >>> from flax import nnx
+    >>> from mobisearch.presets import tiny
+    >>> model = build_model(tiny(), rngs=nnx.Rngs(0))
+    >>> model(jnp.zeros((2, 32, 32, 3))).shape
+    (2, 10)
+    >>> state_size(model)
+    1722
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+if TYPE_CHECKING:
+    from mobisearch.arch import ArchSpec, LayerSpec
+
+__all__ = [
+    "DEPTHWISE_ENV_VAR",
+    "DEPTHWISE_IMPLS",
+    "ConvBN",
+    "DepthwiseConv",
+    "DepthwiseSeparable",
+    "MobileNet",
+    "PointwiseConv",
+    "build_model",
+    "default_depthwise_impl",
+    "depthwise_conv",
+    "same_pads",
+    "split_model",
+    "state_size",
+]
+
+Array = jax.Array
+
+# --- depthwise convolution -------------------------------------------------------------
+
+#: Every depthwise implementation; `"grouped"` is the reference the others are tested against.
+#:
+#: * `"grouped"`: `lax.conv_general_dilated(..., feature_group_count=C)`, i.e. what
+#:   `nnx.Conv(C, C, (k, k), feature_group_count=C)` runs.
+#: * `"shift"`: shift-and-add. Pad once, then sum k² (strided) slices of the padded input,
+#:   each times its per-channel weight; XLA fuses this into one elementwise loop. Its
+#:   gradient is whatever JAX's autodiff makes of the slices (pads and reductions).
+#: * `"shift_vjp"`: the same forward, with a `jax.custom_vjp` whose input gradient is again
+#:   shift-and-add (a correlation of the dilated, padded cotangent with the flipped kernel)
+#:   and whose kernel gradient is k² multiply-reduce. Reverse mode only (no `jax.jvp`).
+#:   Measured no faster than `"shift"` on CPU (the kernel gradient dominates both).
+#: * `"patches"`: stack the k² slices into `[b, h, w, k², C]` and contract with the kernel
+#:   (`einsum`); materialises k² copies of the activations. Measured well behind `"shift"`
+#:   (slower than `"grouped"` in the forward, faster in forward+backward).
+DEPTHWISE_IMPLS: tuple[str, ...] = ("grouped", "shift", "shift_vjp", "patches")
+
+#: Environment variable that overrides `default_depthwise_impl` (e.g. `=grouped`).
+DEPTHWISE_ENV_VAR = "MOBISEARCH_DEPTHWISE"
+
+
+def same_pads(in_size: int, kernel: int, stride: int) -> tuple[int, int, int]:
+    """TF/Keras SAME padding along one spatial axis.
+
+    `out = ceil(in / stride)`, `pad_total = max((out - 1)·stride + k - in, 0)`, with the
+    smaller half before: `low = pad_total // 2`, `high = pad_total - low`.
+
+    Args:
+      in_size: input height (or width).
+      kernel: kernel size.
+      stride: stride.
+
+    Returns:
+      `(out, low, high)`.
+
+    Examples:
+      >>> same_pads(28, 3, 1), same_pads(28, 3, 2), same_pads(7, 3, 2)
+      ((28, 1, 1), (14, 0, 1), (4, 1, 1))
+    """
+    out = -(-in_size // stride)
+    total = max((out - 1) * stride + kernel - in_size, 0)
+    return out, total // 2, total - total // 2
+
+
+def _check_depthwise_args(x: Array, kernel: Array, stride: int, impl: str) -> None:
+    if impl not in DEPTHWISE_IMPLS:
+        raise ValueError(f"`impl` (={impl!r}) must be one of {DEPTHWISE_IMPLS}")
+    if isinstance(stride, bool) or stride not in (1, 2):
+        raise ValueError(f"`stride` (={stride!r}) must be 1 or 2")
+    if x.ndim != 4:
+        raise ValueError(f"`x` must be NHWC [b, h, w, c], got shape {tuple(x.shape)}")
+    if kernel.ndim != 4 or kernel.shape[0] != kernel.shape[1] or kernel.shape[2] != 1:
+        raise ValueError(f"`kernel` must have shape (k, k, 1, C), got {tuple(kernel.shape)}")
+    if kernel.shape[3] != x.shape[3]:
+        raise ValueError(
+            f"`kernel` has {kernel.shape[3]} channels but `x` has {x.shape[3]} "
+            f"(x: {tuple(x.shape)}, kernel: {tuple(kernel.shape)})"
+        )
+
+
+def _pad_same(x: Array, k: int, stride: int) -> tuple[Array, int, int]:
+    """Zero-pad `x: [b, h, w, c]` for a SAME k×k conv; returns `(x_padded, out_h, out_w)`."""
+    out_h, lo_h, hi_h = same_pads(x.shape[1], k, stride)
+    out_w, lo_w, hi_w = same_pads(x.shape[2], k, stride)
+    xp = jnp.pad(x, ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0)))
+    return xp, out_h, out_w
+
+
+def _tap(xp: Array, i: int, j: int, stride: int, out_h: int, out_w: int) -> Array:
+    """The (i, j) tap: `xp[:, i::stride, j::stride, :]` cut to `[b, out_h, out_w, c]`."""
+    b, _, _, c = xp.shape
+    return lax.slice(
+        xp,
+        (0, i, j, 0),
+        (b, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
+        (1, stride, stride, 1),
+    )
+
+
+def _shift_valid(xp: Array, kernel: Array, stride: int, out_h: int, out_w: int) -> Array:
+    """VALID depthwise correlation of an already padded `xp` as a sum of k² shifted taps.
+
+    `y[b, o, p, c] = Σ_ij xp[b, o·s + i, p·s + j, c] · kernel[i, j, 0, c]`.
+    """
+    k = kernel.shape[0]
+    y = None
+    for i in range(k):
+        for j in range(k):
+            term = _tap(xp, i, j, stride, out_h, out_w) * kernel[i, j][None, None]
+            y = term if y is None else y + term
+    assert y is not None
+    return y
+
+
+def _shift(x: Array, kernel: Array, stride: int) -> Array:
+    xp, out_h, out_w = _pad_same(x, kernel.shape[0], stride)
+    return _shift_valid(xp, kernel, stride, out_h, out_w)
+
+
+def _patches(x: Array, kernel: Array, stride: int) -> Array:
+    k = kernel.shape[0]
+    xp, out_h, out_w = _pad_same(x, k, stride)
+    taps = [_tap(xp, i, j, stride, out_h, out_w) for i in range(k) for j in range(k)]
+    return jnp.einsum("bhwtc,tc->bhwc", jnp.stack(taps, axis=3), kernel.reshape(k * k, -1))
+
+
+def _grouped(x: Array, kernel: Array, stride: int) -> Array:
+    k = kernel.shape[0]
+    _, lo_h, hi_h = same_pads(x.shape[1], k, stride)
+    _, lo_w, hi_w = same_pads(x.shape[2], k, stride)
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(stride, stride),
+        padding=((lo_h, hi_h), (lo_w, hi_w)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[3],
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _shift_cvjp(x: Array, kernel: Array, stride: int) -> Array:
+    return _shift(x, kernel, stride)
+
+
+def _shift_cvjp_fwd(x: Array, kernel: Array, stride: int) -> tuple[Array, Any]:
+    return _shift(x, kernel, stride), (x, kernel)
+
+
+def _shift_cvjp_bwd(stride: int, res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+    x, kernel = res
+    k = kernel.shape[0]
+    _, h, w, _ = x.shape
+    out_h, lo_h, _ = same_pads(h, k, stride)
+    out_w, lo_w, _ = same_pads(w, k, stride)
+    # Input gradient. With x_pad[p] = x[p - lo], forward is y[o] = Σ_i x_pad[o·s + i]·w[i],
+    # so dx[p] = Σ_j g_dil[p + lo + j - (k - 1)] · w[k - 1 - j], where g_dil puts g[o] at
+    # o·s and zeros between. That is a stride-1 shift-and-add of g_dil padded by k-1-lo
+    # before (and enough after to give `h` outputs) with the flipped kernel.
+    gp = lax.pad(
+        g,
+        jnp.zeros((), g.dtype),
+        (
+            (0, 0, 0),
+            (k - 1 - lo_h, h - 1 + lo_h - (out_h - 1) * stride, stride - 1),
+            (k - 1 - lo_w, w - 1 + lo_w - (out_w - 1) * stride, stride - 1),
+            (0, 0, 0),
+        ),
+    )
+    dx = _shift_valid(gp, kernel[::-1, ::-1], 1, h, w)
+    # Kernel gradient: one multiply-reduce over (b, h, w) per tap.
+    xp, _, _ = _pad_same(x, k, stride)
+    dk = jnp.stack(
+        [
+            jnp.sum(_tap(xp, i, j, stride, out_h, out_w) * g, axis=(0, 1, 2))
+            for i in range(k)
+            for j in range(k)
+        ]
+    )
+    return dx, dk.reshape(kernel.shape)
+
+
+_shift_cvjp.defvjp(_shift_cvjp_fwd, _shift_cvjp_bwd)
+
+
+def _shift_vjp(x: Array, kernel: Array, stride: int) -> Array:
+    return _shift_cvjp(x, kernel, stride)
+
+
+_DEPTHWISE_FNS = {
+    "grouped": _grouped,
+    "shift": _shift,
+    "shift_vjp": _shift_vjp,
+    "patches": _patches,
+}
+
+
+def depthwise_conv(x: Array, kernel: Array, *, stride: int, impl: str = "grouped") -> Array:
+    """Depthwise k×k convolution with TF/Keras SAME padding (see `same_pads`).
+
+    `y[b, o, p, c] = Σ_ij x_pad[b, o·s + i, p·s + j, c] · kernel[i, j, 0, c]`: the same
+    numbers as `nnx.Conv(C, C, (k, k), strides=s, padding="SAME", feature_group_count=C,
+    use_bias=False)` with that kernel.
+
+    Args:
+      x: input `[b, h, w, C]` (NHWC).
+      kernel: `[k, k, 1, C]`, the layout of a grouped `nnx.Conv` kernel.
+      stride: 1 or 2 (both spatial axes).
+      impl: one of `DEPTHWISE_IMPLS`.
+
+    Returns:
+      `[b, ceil(h / stride), ceil(w / stride), C]`.
+
+    Raises:
+      ValueError: on an unknown `impl`, a bad stride or mismatched shapes.
+
+    Examples:
+      >>> x = jnp.ones((1, 5, 5, 2))
+      >>> k = jnp.ones((3, 3, 1, 2))
+      >>> depthwise_conv(x, k, stride=2, impl="shift")[0, :, :, 0]
+      Array([[4., 6., 4.],
+             [6., 9., 6.],
+             [4., 6., 4.]], dtype=float32)
+    """
+    _check_depthwise_args(x, kernel, stride, impl)
+    return _DEPTHWISE_FNS[impl](x, kernel, stride)
+
+
+# NOTE: chosen by measurement: `python scripts/bench_depthwise.py --repeats 20` (and
+# `--kernel 7 --repeats 10 --workloads train28 model28`), CPU backend, jax 0.10.2, 2-core
+# Intel Xeon VM shared with other jobs (load ~1-2), median ms of 20 interleaved rounds.
+# Files: results/benchmarks/bench-depthwise-cpu-jax0.10.2{,-k7}.csv.
+#                                            grouped   shift  shift_vjp  patches
+#   13 dw layers, mnv1-small 28x28 w0.5, batch 128, k3:
+#     forward                                 247.0     41.9      39.5    279.8
+#     forward+backward                        536.4     92.6     112.3    241.1
+#   13 dw layers, mnv1 224x224 w1.0, batch 1 (inference), k3:
+#     forward                                  41.2      3.1       3.1     50.2
+#     forward+backward                        172.3     27.3      23.5     59.3
+#   whole mnv1-small 28x28 w0.5, batch 128, train mode, k3:
+#     forward                                 262.4     29.0      27.8    182.2
+#     loss gradient                          1047.6    316.4     324.5    573.3
+#   the same two workloads with k7:
+#     dw layers forward / forward+backward    766/2251  56/565   59/549  1274/2886
+#     whole model forward / loss gradient     911/3422  45/854   43/880  1072/2948
+# So shift-and-add is 6-13x faster than XLA's grouped conv in the forward and 4-6x in
+# forward+backward (3-4x for a whole training step). shift_vjp is within noise of shift, so
+# the simpler one (plain autodiff) is the default.
+# GPU/TPU: NOT measured (no accelerator here); "grouped" because cuDNN and the TPU compiler
+# have dedicated depthwise kernels. Re-run the benchmark there and revisit.
+_DEFAULT_IMPL_BY_BACKEND = {"cpu": "shift"}
+_DEFAULT_IMPL_OTHER = "grouped"
+
+
+def default_depthwise_impl(backend: str | None = None) -> str:
+    """The depthwise implementation to use on `backend`, chosen by measurement.
+
+    The environment variable `MOBISEARCH_DEPTHWISE` (one of `DEPTHWISE_IMPLS`), if set,
+    overrides the choice for every backend.
+
+    Args:
+      backend: `"cpu"`, `"gpu"`, `"tpu"`, ...; default `jax.default_backend()`.
+
+    Returns:
+      One of `DEPTHWISE_IMPLS`.
+
+    Raises:
+      ValueError: if `MOBISEARCH_DEPTHWISE` names no implementation.
+    """
+    override = os.environ.get(DEPTHWISE_ENV_VAR, "").strip()
+    if override:
+        if override not in DEPTHWISE_IMPLS:
+            raise ValueError(
+                f"environment variable {DEPTHWISE_ENV_VAR} (={override!r}) must be one of "
+                f"{DEPTHWISE_IMPLS}"
+            )
+        return override
+    if backend is None:
+        backend = jax.default_backend()
+    return _DEFAULT_IMPL_BY_BACKEND.get(backend, _DEFAULT_IMPL_OTHER)
+
+
+# --- modules ---------------------------------------------------------------------------
+
+# NOTE: BatchNorm momentum 0.9 (PyTorch/timm's 0.1 in the other convention) rather than
+# NNX's 0.99: the search trains each candidate for only a few hundred steps, and with 0.99
+# the running averages would still be close to their initial (0, 1) at evaluation time.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+class DepthwiseConv(nnx.Module):
+    """Depthwise k×k conv (no bias) holding a `(k, k, 1, C)` kernel, computed by `impl`.
+
+    The kernel has the shape, the initialiser (LeCun normal, fan-in k²) and therefore the
+    parameter count of `nnx.Conv(C, C, (k, k), feature_group_count=C, use_bias=False)`.
+    """
+
+    def __init__(
+        self, channels: int, kernel: int, stride: int, *, impl: str, rngs: nnx.Rngs
+    ) -> None:
+        """Create the kernel.
+
+        Args:
+          channels: C, channels in and out.
+          kernel: k, the square kernel size.
+          stride: 1 or 2.
+          impl: one of `DEPTHWISE_IMPLS`.
+          rngs: RNG streams; `params` initialises the kernel.
+
+        Raises:
+          ValueError: on an unknown `impl`.
+        """
+        if impl not in DEPTHWISE_IMPLS:
+            raise ValueError(f"`depthwise` (={impl!r}) must be one of {DEPTHWISE_IMPLS}")
+        init = nnx.initializers.lecun_normal()
+        self.kernel = nnx.Param(init(rngs.params(), (kernel, kernel, 1, channels)))
+        self.stride = stride
+        self.impl = impl
+
+    def __call__(self, x: Array) -> Array:
+        """Apply the conv: `[b, h, w, C] -> [b, ceil(h/s), ceil(w/s), C]` (NHWC)."""
+        return depthwise_conv(x, self.kernel[...], stride=self.stride, impl=self.impl)
+
+
+class PointwiseConv(nnx.Module):
+    """1×1 conv (no bias) as a matmul over channels, holding a `(1, 1, C_in, C_out)` kernel.
+
+    The kernel has the shape, initialiser and parameter count of
+    `nnx.Conv(C_in, C_out, (1, 1), use_bias=False)`; only the computation differs.
+    """
+
+    # NOTE: on CPU (jax 0.10.2) XLA ran a 1×1 `conv_general_dilated` about 3× slower than
+    # the same contraction written as a dot (one-off measurement, median of 5, the 13 pw
+    # layers of mnv1-small 28×28 w0.5 at batch 128: forward 37 ms vs 12 ms,
+    # forward+backward 88 ms vs 74 ms).
+
+    def __init__(self, in_ch: int, out_ch: int, *, rngs: nnx.Rngs) -> None:
+        """Create the kernel.
+
+        Args:
+          in_ch: C_in.
+          out_ch: C_out.
+          rngs: RNG streams; `params` initialises the kernel (LeCun normal, fan-in C_in).
+        """
+        init = nnx.initializers.lecun_normal()
+        self.kernel = nnx.Param(init(rngs.params(), (1, 1, in_ch, out_ch)))
+
+    def __call__(self, x: Array) -> Array:
+        """`[b, h, w, C_in] -> [b, h, w, C_out]` (NHWC)."""
+        return jnp.einsum("bhwc,cd->bhwd", x, self.kernel[...][0, 0])
+
+
+class ConvBN(nnx.Module):
+    """One resolved conv layer: conv (no bias) → BatchNorm → ReLU if `layer.act`.
+
+    `op="conv"` uses `nnx.Conv` (SAME padding), `op="pw"` `PointwiseConv` and `op="dw"`
+    `DepthwiseConv`. Attributes: `conv`, `bn`.
+    """
+
+    def __init__(self, layer: LayerSpec, *, depthwise: str, rngs: nnx.Rngs) -> None:
+        """Build from a `LayerSpec` with `op` in `conv`, `dw`, `pw`.
+
+        Args:
+          layer: the resolved layer (channels, kernel, stride, act).
+          depthwise: the `DEPTHWISE_IMPLS` entry used when `layer.op == "dw"`.
+          rngs: RNG streams.
+
+        Raises:
+          ValueError: if `layer.op` is not a conv op.
+        """
+        self.conv: DepthwiseConv | PointwiseConv | nnx.Conv
+        if layer.op == "dw":
+            if layer.groups != layer.in_ch or layer.in_ch != layer.out_ch:
+                raise ValueError(
+                    f"{layer.name}: depthwise layer needs groups == in_ch == out_ch, got "
+                    f"groups={layer.groups}, in_ch={layer.in_ch}, out_ch={layer.out_ch}"
+                )
+            self.conv = DepthwiseConv(
+                layer.in_ch, layer.kernel, layer.stride, impl=depthwise, rngs=rngs
+            )
+        elif layer.op == "pw":
+            if layer.groups != 1 or layer.kernel != 1 or layer.stride != 1:
+                raise ValueError(
+                    f"{layer.name}: a pointwise layer needs kernel 1, stride 1 and groups 1, "
+                    f"got kernel={layer.kernel}, stride={layer.stride}, groups={layer.groups}"
+                )
+            self.conv = PointwiseConv(layer.in_ch, layer.out_ch, rngs=rngs)
+        elif layer.op == "conv":
+            if layer.groups != 1:
+                raise ValueError(f"{layer.name}: `groups` (={layer.groups}) must be 1")
+            self.conv = nnx.Conv(
+                layer.in_ch,
+                layer.out_ch,
+                (layer.kernel, layer.kernel),
+                strides=layer.stride,
+                padding="SAME",
+                use_bias=False,
+                rngs=rngs,
+            )
+        else:
+            raise ValueError(
+                f"{layer.name}: `op` (={layer.op!r}) must be 'conv', 'dw' or 'pw' for ConvBN"
+            )
+        self.bn = nnx.BatchNorm(layer.out_ch, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, rngs=rngs)
+        self.act = layer.act
+
+    def __call__(self, x: Array) -> Array:
+        """`[b, h, w, in_ch] -> [b, ceil(h/s), ceil(w/s), out_ch]` (NHWC)."""
+        y = self.bn(self.conv(x))
+        return jax.nn.relu(y) if self.act else y
+
+
+class DepthwiseSeparable(nnx.Module):
+    """A depthwise-separable block: `dw` (ConvBN) → `pw` (ConvBN) [+ input if residual].
+
+    MACs: `H·W·C_in·k² + H·W·C_in·C_out` (paper §3.1), H×W being the output size.
+    """
+
+    def __init__(self, dw: LayerSpec, pw: LayerSpec, *, depthwise: str, rngs: nnx.Rngs) -> None:
+        """Build from the block's two resolved layers.
+
+        Args:
+          dw: the `op="dw"` layer.
+          pw: the `op="pw"` layer that follows it; `pw.residual` adds the block input.
+          depthwise: the `DEPTHWISE_IMPLS` entry.
+          rngs: RNG streams.
+
+        Raises:
+          ValueError: if the layers do not form a block.
+        """
+        if dw.op != "dw" or pw.op != "pw" or dw.block != pw.block or dw.out_ch != pw.in_ch:
+            raise ValueError(f"layers {dw.name!r} and {pw.name!r} do not form a dw → pw block")
+        if dw.residual:
+            raise ValueError(f"{dw.name}: `residual` is only supported on the pw layer")
+        if pw.residual and (dw.stride != 1 or dw.in_ch != pw.out_ch):
+            raise ValueError(
+                f"{pw.name}: a residual needs stride 1 and in_ch == out_ch, got stride "
+                f"{dw.stride}, {dw.in_ch} -> {pw.out_ch} channels"
+            )
+        self.dw = ConvBN(dw, depthwise=depthwise, rngs=rngs)
+        self.pw = ConvBN(pw, depthwise=depthwise, rngs=rngs)
+        self.residual = pw.residual
+
+    def __call__(self, x: Array) -> Array:
+        """`[b, h, w, C_in] -> [b, ceil(h/s), ceil(w/s), C_out]` (NHWC)."""
+        y = self.pw(self.dw(x))
+        return y + x if self.residual else y
+
+
+class MobileNet(nnx.Module):
+    """MobileNet-style classifier: `stem` → `blocks` → global average pool → `head`.
+
+    Build it with `build_model`. Train/eval mode is NNX's: `model.train()` makes every
+    BatchNorm normalise with batch statistics and update its running averages (the state
+    right after construction); `model.eval()` makes it use the running averages.
+
+    Attributes:
+      stem: `ConvBN` for the `stem` layer.
+      blocks: `nnx.List` of `DepthwiseSeparable`, `blocks[i]` built from `blocks/<i>/*`.
+      head: `nnx.Linear` classifier with bias.
+      layers: the resolved layers it was built from.
+      in_ch, num_classes: input channels and classifier outputs.
+    """
+
+    def __init__(self, layers: Sequence[LayerSpec], *, depthwise: str, rngs: nnx.Rngs) -> None:
+        """Build from a resolved layer list (`ArchSpec.resolve()`).
+
+        Args:
+          layers: `stem`, then `dw`/`pw` pairs, then `pool` and `head`, in that order.
+          depthwise: the `DEPTHWISE_IMPLS` entry for every depthwise conv.
+          rngs: RNG streams.
+
+        Raises:
+          ValueError: if the layer list does not have that structure.
+        """
+        layers = tuple(layers)
+        ops = [layer.op for layer in layers]
+        if (
+            len(layers) < 3
+            or ops[0] != "conv"
+            or ops[-2:] != ["pool", "fc"]
+            or ops[1:-2] != ["dw", "pw"] * ((len(ops) - 3) // 2)
+        ):
+            raise ValueError(
+                f"`layers` (ops {ops}) must be conv, (dw, pw)*, pool, fc as ArchSpec.resolve() "
+                "returns them"
+            )
+        self.layers = layers
+        self.in_ch = layers[0].in_ch
+        self.num_classes = layers[-1].out_ch
+        self.stem = ConvBN(layers[0], depthwise=depthwise, rngs=rngs)
+        self.blocks = nnx.List(
+            [
+                DepthwiseSeparable(dw, pw, depthwise=depthwise, rngs=rngs)
+                for dw, pw in zip(layers[1:-2:2], layers[2:-2:2], strict=True)
+            ]
+        )
+        fc = layers[-1]
+        self.head = nnx.Linear(fc.in_ch, fc.out_ch, use_bias=True, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        """Classify a batch of images.
+
+        Args:
+          x: `[b, h, w, in_ch]` float images (NHWC). Any h, w work (the pool is global),
+            but the cost model assumes `h = w = arch.resolution`.
+
+        Returns:
+          Logits `[b, num_classes]`.
+
+        Raises:
+          ValueError: if `x` is not 4-D with `in_ch` channels.
+        """
+        if x.ndim != 4 or x.shape[-1] != self.in_ch:
+            raise ValueError(
+                f"`x` must be NHWC [b, h, w, {self.in_ch}], got shape {tuple(x.shape)}"
+            )
+        y = self.stem(x)
+        for block in self.blocks:
+            y = block(y)
+        y = jnp.mean(y, axis=(1, 2))  # global average pool: [b, h, w, c] -> [b, c]
+        return self.head(y)
+
+
+def build_model(arch: ArchSpec, *, rngs: nnx.Rngs, depthwise: str | None = None) -> MobileNet:
+    """Build the Flax NNX model for `arch` (the only constructor the rest of the code uses).
+
+    Initialisation is flax's default for these layers: kernels LeCun normal (truncated
+    normal with standard deviation `1/sqrt(fan_in)`, fan-in `k²·C_in/groups`), biases 0,
+    BatchNorm scale 1, running mean 0 and variance 1. The kernels are drawn in one RNG call
+    (see `_init_state`), so building compiles one random op rather than one per layer.
+
+    Args:
+      arch: the architecture; its `resolve()` gives every channel count.
+      rngs: RNG streams, e.g. `nnx.Rngs(seed)`; one `params` key initialises the weights.
+      depthwise: one of `DEPTHWISE_IMPLS`; default `default_depthwise_impl()`.
+
+    Returns:
+      A `MobileNet` in training mode (call `.eval()` for inference).
+
+    Raises:
+      ValueError: on an unknown `depthwise`.
+    """
+    impl = default_depthwise_impl() if depthwise is None else depthwise
+    if impl not in DEPTHWISE_IMPLS:
+        raise ValueError(f"`depthwise` (={impl!r}) must be one of {DEPTHWISE_IMPLS}")
+    layers = arch.resolve()
+    # Shapes only: nothing is drawn or compiled here.
+    abstract = nnx.eval_shape(lambda: MobileNet(layers, depthwise=impl, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    return nnx.merge(graphdef, _init_state(state, rngs.params()))
+
+
+# Variable names by initial value; a new kind of variable must be added here on purpose.
+_ONES = ("scale", "var")
+_ZEROS = ("bias", "mean")
+
+
+def _init_state(state: Any, key: Array) -> Any:
+    """Fill an abstract model state with its initial values, kernels from ONE random draw.
+
+    NOTE: on CPU, XLA compiles every `jax.random` call of a new shape separately (~70 ms
+    each, threefry), so flax's layer-by-layer init took ~7 s for MobileNet-V1 (55 kernels),
+    eagerly or under `jit`; one draw of a power-of-two length takes ~0.3 s once and is then
+    cached. Each kernel takes the next slice of the draw and is scaled as
+    `nnx.initializers.lecun_normal()` scales it.
+    """
+    flat = nnx.to_flat_state(state)
+    kernels = [(path, var) for path, var in flat if path[-1] == "kernel"]
+    total = sum(math.prod(var.shape) for _, var in kernels)
+    length = max(1024, 1 << (total - 1).bit_length())
+    # lecun_normal = variance_scaling(1, "fan_in", "truncated_normal"): a normal truncated to
+    # [-2, 2] (std 0.8796), rescaled to std sqrt(1 / fan_in).
+    draw: Any = jax.random.truncated_normal(key, -2.0, 2.0, (length,), jnp.float32)
+    if not isinstance(draw, jax.core.Tracer):
+        # Slice on the host: eager slices on the device would each compile again. Under a
+        # transform (`nnx.eval_shape`, `jit`) the same code slices the traced array.
+        draw = np.asarray(draw)
+    values, offset = {}, 0
+    for path, var in flat:
+        name, shape = path[-1], tuple(var.shape)
+        if name == "kernel":
+            size = math.prod(shape)
+            fan_in = math.prod(shape[:-1])
+            std = np.float32(1.0 / math.sqrt(fan_in) / 0.87962566103423978)
+            value = draw[offset : offset + size].reshape(shape) * std
+            offset += size
+        elif name in _ONES:
+            value = np.ones(shape, var.dtype)
+        elif name in _ZEROS:
+            value = np.zeros(shape, var.dtype)
+        else:
+            raise ValueError(
+                f"no initial value defined for model variable {'/'.join(map(str, path))}"
+            )
+        values[path] = jnp.asarray(value, var.dtype)
+    for path, var in flat:
+        var.set_value(values[path])
+    return state
+
+
+def split_model(model: nnx.Module) -> tuple[Any, Any, Any]:
+    """`(graphdef, params, rest)`: the static graph, the `nnx.Param`s, everything else
+    (BatchNorm statistics), as `nnx.split(model, nnx.Param, ...)` gives them."""
+    parts: Any = nnx.split(model, nnx.Param, ...)
+    return parts[0], parts[1], parts[2]
+
+
+def state_size(model: nnx.Module) -> int:
+    """Number of scalars in the model's params plus BatchNorm statistics.
+
+    This is `mobisearch.cost.count_cost(arch).params`: conv and fc weights, the fc bias,
+    and 4 per BatchNorm channel (scale, bias, running mean, running variance).
+
+    Args:
+      model: any NNX module, e.g. from `build_model`.
+
+    Returns:
+      The count.
+    """
+    state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state))

@@ -1,0 +1,344 @@
+"""Short, JIT-compiled training runs that rank candidates: `train_and_evaluate`.
+
+The recipe (`mobisearch.space.TrainConfig`) is identical for every candidate of a search, so
+the rankings are comparable. The loop is NNX's *functional* one: the model is split once
+into a static graph and array state, and a plain `jax.jit` step merges them inside
+(the NNX performance guide shows `nnx.jit` graph traversal dominating small models).
+
+* Compile once per architecture: the train and eval steps are lowered and compiled
+  ahead of time (`jit(...).lower(...).compile()`), so compile time and train time are
+  measured separately, and the compiled executables are cached by the hashable
+  (`ArchSpec`, `TrainConfig`, implementation) key.
+* The training set lives on the device; each step receives only its batch indices.
+* A loss that turns NaN or infinite ends the run as `status="diverged"` with the reason;
+  the search records it and goes on.
+
+Images are resized to the candidate's resolution (`mobisearch.data.resize_images`) and
+normalised with the training split's mean and standard deviation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mobisearch.arch import ArchSpec
+from mobisearch.data import image_mean_std, normalize_images, resize_images
+from mobisearch.models import build_model, default_depthwise_impl, split_model
+
+if TYPE_CHECKING:
+    from mobisearch.data import Dataset
+    from mobisearch.space import TrainConfig
+
+# How often (in steps) the host reads the loss back to check for divergence. Reading it every
+# step would force a device sync per step.
+_CHECK_EVERY = 25
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class TrainResult:
+    """Outcome of one short training run.
+
+    Attributes:
+      status: `"ok"` or `"diverged"` (a NaN or infinite loss).
+      reason: why it failed, or `""`.
+      val_accuracy: top-1 accuracy on the validation split (NaN if diverged).
+      val_loss: mean cross-entropy on the validation split.
+      loss_curve: training loss per step (up to the failure).
+      steps: optimizer steps taken.
+      compile_s: seconds spent compiling the train and eval steps (0 when cached).
+      train_s: seconds of training, compile excluded.
+      eval_s: seconds of validation.
+      state: the trained model state (`nnx.State`), for latency, test evaluation, export.
+    """
+
+    status: str
+    reason: str = ""
+    val_accuracy: float
+    val_loss: float
+    loss_curve: tuple[float, ...]
+    steps: int
+    compile_s: float
+    train_s: float
+    eval_s: float
+    state: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """The optax optimizer and learning-rate schedule of a training recipe.
+
+    Weight decay applies to kernels only (arrays of rank > 1), not to BatchNorm or biases.
+    """
+    if cfg.schedule == "warmup_cosine":
+        lr: optax.ScalarOrSchedule = optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=cfg.learning_rate,
+            warmup_steps=min(cfg.warmup_steps, max(cfg.steps - 1, 0)),
+            decay_steps=max(cfg.steps, 1),
+            end_value=cfg.learning_rate * 0.01,
+        )
+    else:
+        lr = cfg.learning_rate
+
+    def decay_mask(params: Any) -> Any:
+        return jax.tree.map(lambda p: p.ndim > 1, params)
+
+    if cfg.optimizer == "adamw":
+        return optax.adamw(lr, weight_decay=cfg.weight_decay, mask=decay_mask)
+    return optax.chain(
+        optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+        optax.sgd(lr, momentum=0.9, nesterov=True),
+    )
+
+
+def _loss(logits: jax.Array, labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
+    if smoothing:
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
+        return optax.softmax_cross_entropy(logits, targets).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+# Counts how often each step function is traced: the no-recompilation test reads it.
+TRACE_COUNTS: dict[str, int] = {"train_step": 0, "eval_step": 0}
+
+
+def _split(arch: ArchSpec, depthwise: str, *, training: bool) -> tuple[Any, Any, Any]:
+    """`(graphdef, params, rest)` of a freshly built model in train or eval mode."""
+    model = build_model(arch, rngs=nnx.Rngs(0), depthwise=depthwise)
+    if training:
+        model.train()
+    else:
+        model.eval()
+    return split_model(model)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CompiledTrain:
+    step: Any
+    tx: optax.GradientTransformation
+    compile_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class _CompiledEval:
+    step: Any
+    batch: int
+    compile_s: float
+
+
+@functools.lru_cache(maxsize=32)
+def _compile_train(
+    arch: ArchSpec, cfg: TrainConfig, depthwise: str, n_train: int
+) -> _CompiledTrain:
+    """Trace and compile the train step of one architecture + recipe, once."""
+    t0 = time.perf_counter()
+    graphdef, params, rest = _split(arch, depthwise, training=True)
+    tx = make_optimizer(cfg)
+
+    def train_step(params, rest, opt_state, x_all, y_all, idx):  # type: ignore[no-untyped-def]
+        TRACE_COUNTS["train_step"] += 1
+        x, y = x_all[idx], y_all[idx]
+
+        # copy=True makes fresh Variables inside this trace: NNX refuses to mutate (the
+        # BatchNorm statistics) a Variable made at the outer jit level.
+        def loss_fn(params, rest):  # type: ignore[no-untyped-def]
+            model = nnx.merge(graphdef, params, rest, copy=True)
+            loss = _loss(model(x), y, arch.num_classes, cfg.label_smoothing)
+            return loss, nnx.state(model, nnx.Not(nnx.Param))
+
+        (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), rest, opt_state, loss
+
+    r, c = arch.resolution, arch.in_ch
+    step = (
+        jax.jit(train_step, donate_argnums=(0, 1, 2))
+        .lower(
+            params,
+            rest,
+            tx.init(params),
+            jax.ShapeDtypeStruct((n_train, r, r, c), jnp.float32),
+            jax.ShapeDtypeStruct((n_train,), jnp.int32),
+            jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32),
+        )
+        .compile()
+    )
+    return _CompiledTrain(step, tx, time.perf_counter() - t0)
+
+
+@functools.lru_cache(maxsize=32)
+def _compile_eval(arch: ArchSpec, depthwise: str, batch: int) -> _CompiledEval:
+    """Trace and compile the eval step (masked, fixed batch) of one architecture, once."""
+    t0 = time.perf_counter()
+    graphdef, params, rest = _split(arch, depthwise, training=False)
+
+    def eval_step(params, rest, x, y, mask):  # type: ignore[no-untyped-def]
+        TRACE_COUNTS["eval_step"] += 1
+        logits = nnx.merge(graphdef, params, rest)(x)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        correct = (jnp.argmax(logits, -1) == y) & mask
+        return jnp.sum(correct), jnp.sum(jnp.where(mask, losses, 0.0))
+
+    r, c = arch.resolution, arch.in_ch
+    step = (
+        jax.jit(eval_step)
+        .lower(
+            params,
+            rest,
+            jax.ShapeDtypeStruct((batch, r, r, c), jnp.float32),
+            jax.ShapeDtypeStruct((batch,), jnp.int32),
+            jax.ShapeDtypeStruct((batch,), jnp.bool_),
+        )
+        .compile()
+    )
+    return _CompiledEval(step, batch, time.perf_counter() - t0)
+
+
+def _cached_call(fn: Any, *args: Any) -> tuple[Any, float]:
+    """Call an lru-cached compile function; return its value and the compile seconds spent
+    now (0.0 when it came from the cache)."""
+    before = fn.cache_info().misses
+    value = fn(*args)
+    return value, value.compile_s if fn.cache_info().misses > before else 0.0
+
+
+def prepare_images(x: np.ndarray, resolution: int, stats: tuple[Any, Any]) -> np.ndarray:
+    """Resize uint8 NHWC images to `resolution` and normalise with the training split's
+    per-channel `(mean, std)` (`mobisearch.data.image_mean_std`): float32 `[n, r, r, c]`."""
+    return normalize_images(resize_images(x, resolution), *stats)
+
+
+def evaluate(
+    arch: ArchSpec,
+    state: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    cfg: TrainConfig,
+    depthwise: str | None = None,
+    stats: tuple[Any, Any],
+) -> tuple[float, float]:
+    """Accuracy and mean loss of a trained state on uint8 images `x` (any split).
+
+    Returns:
+      `(accuracy, loss)`.
+    """
+    depthwise = depthwise or default_depthwise_impl()
+    params, rest = state
+    compiled = _compile_eval(arch, depthwise, min(cfg.eval_batch_size, len(x)))
+    return _evaluate(compiled, params, rest, prepare_images(x, arch.resolution, stats), y)
+
+
+def _evaluate(
+    compiled: _CompiledEval, params: Any, rest: Any, x: np.ndarray, y: np.ndarray
+) -> tuple[float, float]:
+    n = compiled.batch
+    correct, loss_sum = 0, 0.0
+    for start in range(0, len(x), n):
+        xb, yb = x[start : start + n], y[start : start + n]
+        pad = n - len(xb)
+        mask = np.arange(n) < len(xb)
+        if pad:
+            # Pad the last batch to the compiled shape instead of compiling another one.
+            xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
+            yb = np.concatenate([yb, np.zeros(pad, yb.dtype)])
+        c, ls = compiled.step(params, rest, xb, yb.astype(np.int32), mask)
+        correct += int(c)
+        loss_sum += float(ls)
+    return correct / len(x), loss_sum / len(x)
+
+
+def train_and_evaluate(
+    arch: ArchSpec,
+    cfg: TrainConfig,
+    data: Dataset,
+    *,
+    seed: int,
+    depthwise: str | None = None,
+) -> TrainResult:
+    """Train `arch` briefly with the recipe `cfg` and measure validation accuracy.
+
+    Args:
+      arch: the candidate; its `resolution` sets the image size.
+      cfg: the training recipe (steps, batch size, optimizer, schedule, ...).
+      data: the dataset; only its train and validation splits are used.
+      seed: initialisation and batch-order seed (`jax.random.key(seed)`-style, no global RNG).
+      depthwise: depthwise-conv implementation (default: the backend's fastest).
+
+    Returns:
+      A `TrainResult`; `status == "diverged"` when the loss became NaN or infinite.
+    """
+    depthwise = depthwise or default_depthwise_impl()
+    stats = image_mean_std(data.x_train)
+    x_train = prepare_images(data.x_train, arch.resolution, stats)
+    x_val = prepare_images(data.x_val, arch.resolution, stats)
+    train, compile_train_s = _cached_call(_compile_train, arch, cfg, depthwise, len(x_train))
+    ev, compile_eval_s = _cached_call(
+        _compile_eval, arch, depthwise, min(cfg.eval_batch_size, len(x_val))
+    )
+    compile_s = compile_train_s + compile_eval_s
+
+    model = build_model(arch, rngs=nnx.Rngs(seed), depthwise=depthwise)
+    _, params, rest = split_model(model)
+    opt_state = train.tx.init(params)
+    rng = np.random.default_rng(seed)
+    x_dev = jax.device_put(x_train)
+    y_dev = jax.device_put(data.y_train.astype(np.int32))
+    order = _batch_indices(rng, len(x_train), cfg.batch_size, cfg.steps)
+
+    t0 = time.perf_counter()
+    losses: list[jax.Array] = []
+    status, reason = "ok", ""
+    for step in range(cfg.steps):
+        params, rest, opt_state, loss = train.step(
+            params, rest, opt_state, x_dev, y_dev, order[step]
+        )
+        losses.append(loss)
+        if (step + 1) % _CHECK_EVERY == 0 or step + 1 == cfg.steps:
+            last = float(loss)
+            if not math.isfinite(last):
+                status, reason = "diverged", f"loss became {last} at step {step + 1}"
+                break
+    curve = tuple(float(v) for v in jax.device_get(losses))
+    train_s = time.perf_counter() - t0
+    if status != "ok":
+        return TrainResult(
+            status=status,
+            reason=reason,
+            val_accuracy=math.nan,
+            val_loss=math.nan,
+            loss_curve=curve,
+            steps=len(curve),
+            compile_s=compile_s,
+            train_s=train_s,
+            eval_s=0.0,
+        )
+    t0 = time.perf_counter()
+    acc, val_loss = _evaluate(ev, params, rest, x_val, data.y_val)
+    return TrainResult(
+        status="ok",
+        val_accuracy=acc,
+        val_loss=val_loss,
+        loss_curve=curve,
+        steps=len(curve),
+        compile_s=compile_s,
+        train_s=train_s,
+        eval_s=time.perf_counter() - t0,
+        state=(params, rest),
+    )
+
+
+def _batch_indices(rng: np.random.Generator, n: int, batch: int, steps: int) -> np.ndarray:
+    """`[steps, batch]` int32 indices: epochs of seeded permutations, concatenated."""
+    epochs = -(-steps * batch // n)
+    perm = np.concatenate([rng.permutation(n) for _ in range(epochs)])
+    return perm[: steps * batch].reshape(steps, batch).astype(np.int32)

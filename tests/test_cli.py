@@ -1,0 +1,259 @@
+"""The `mobisearch` command, end to end, on the real Fashion-MNIST files."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mobisearch.cli import main
+from mobisearch.cost import count_cost
+from mobisearch.presets import mobilenet_v1
+from mobisearch.space import load_space, resolve_space_path
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FASHION = pathlib.Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+needs_fashion = pytest.mark.skipif(
+    not FASHION.exists() and not os.environ.get("CI"),
+    reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)",
+)
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        [sys.executable, "-m", "mobisearch.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+# --- cost --------------------------------------------------------------------------------
+
+
+def test_cost_json_matches_the_cost_model(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert (
+        main(["cost", "--width", "0.5", "--resolution", "160", "--kernel-size", "3", "--json"])
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    cost = count_cost(mobilenet_v1(0.5, 160, 3))
+    assert out["macs"] == cost.macs and out["params"] == cost.params
+    assert out["display_id"] == "mnv1_w050_r160_k3"
+
+
+def test_cost_json_classes_and_channels(capsys) -> None:  # type: ignore[no-untyped-def]
+    main(["cost", "--classes", "10", "--in-channels", "1", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["params"] == count_cost(mobilenet_v1(num_classes=10, in_ch=1)).params
+    assert out["params"] != count_cost(mobilenet_v1()).params
+
+
+def test_cost_table(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["cost"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks/12/pw" in out and "head" in out
+    assert "568,740,352 MACs" in out and "4,253,864 params" in out
+
+
+def test_cost_space_with_budget(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["cost", "--space", "mobilenet_v1_paper", "--budget", "150M", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    space = load_space(resolve_space_path("mobilenet_v1_paper"))
+    expected = [a for a in space.candidates() if count_cost(a).macs <= 150_000_000]
+    assert len(rows) == len(expected) > 0
+    assert [r["macs"] for r in rows] == sorted(r["macs"] for r in rows)
+    assert all(r["macs"] <= 150_000_000 for r in rows)
+    assert {"params", "peak_activation_bytes"} <= set(rows[0])
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["cost", "--space", "no/such/file.toml"], "no/such/file.toml"),
+        (["cost", "--width", "-1"], "width"),
+        (["cost", "--kernel-size", "4"], "kernel"),
+        (["cost", "--budget", "abc"], "abc"),
+        (["search", "--space", "mobilenet_v1_paper"], "only be costed"),
+        (["search", "--space", "quick", "--budget", "1K"], "cheapest is quick_w025_r16_k3"),
+        (["search", "--space", "quick", "--set", "train.stepz=3"], "train.stepz"),
+        (["train", "--config", "missing.json"], "missing.json"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args, needle) -> None:  # type: ignore[no-untyped-def]
+    proc = run_cli(*args, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_bad_toml_names_the_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[axes\nwidth = [")
+    proc = run_cli("cost", "--space", str(bad), timeout=60)
+    assert proc.returncode == 2
+    assert "bad.toml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --- search, plot, best, train on real data ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):  # type: ignore[no-untyped-def]
+    out = tmp_path_factory.mktemp("search")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/search.py",
+            "--space",
+            "quick",
+            "--out-dir",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    return out, proc.stdout
+
+
+@needs_fashion
+def test_search_end_to_end(searched) -> None:  # type: ignore[no-untyped-def]
+    out, stdout = searched
+    assert "4 candidates, 4 within the budget" in stdout
+    with sqlite3.connect(out / "study.db") as db:
+        states = [s for (s,) in db.execute("select state from trials")]
+    assert states == ["COMPLETE"] * 4
+    import csv
+
+    with (out / "trials.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4
+    for r in rows:
+        assert 0.0 <= float(r["val_accuracy"]) <= 1.0
+        assert float(r["latency_ms"]) > 0 and float(r["latency_p90_ms"]) >= float(r["latency_ms"])
+        assert float(r["compile_s"]) > 0 and float(r["train_s"]) > 0
+        assert r["device"] == "cpu" and r["seed"] == "0"
+    front = json.loads((out / "frontier.json").read_text())
+    assert 1 <= len(front) <= 4
+    assert all(0.0 <= f["test_accuracy"] <= 1.0 for f in front)
+    # Only frontier members were evaluated on the test split.
+    assert sum(1 for r in rows if r["test_accuracy"]) == len(front)
+    png = (out / "pareto.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    best = json.loads((out / "best.json").read_text())
+    assert best["metrics"]["val_accuracy"] == max(float(r["val_accuracy"]) for r in rows)
+
+
+@needs_fashion
+def test_best_and_rebuild(searched, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import mobisearch
+    from mobisearch.models import build_model, state_size
+
+    out, _ = searched
+    fastest = min(json.loads((out / "frontier.json").read_text()), key=lambda r: r["latency_ms"])
+    proc = run_cli(
+        "best", "--space", "quick", "--out-dir", str(out), "--json",
+        "--max-latency-ms", str(fastest["latency_ms"]), timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    arch = mobisearch.ArchSpec.from_dict(json.loads(proc.stdout))
+    assert arch.display_id == fastest["display_id"]
+    assert (
+        mobisearch.load_best(f"sqlite:///{out / 'study.db'}", max_latency_ms=fastest["latency_ms"])
+        == arch
+    )
+    assert (
+        mobisearch.load_best(out / "best.json").display_id
+        == json.loads((out / "best.json").read_text())["arch"]["display_id"]
+    )
+    model = build_model(arch, rngs=nnx.Rngs(0))
+    assert state_size(model) == count_cost(arch).params
+    model.eval()
+    assert model(jnp.zeros((2, arch.resolution, arch.resolution, 1))).shape == (2, 10)
+
+
+@needs_fashion
+def test_plot_command(searched, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out, _ = searched
+    proc = run_cli(
+        "plot", "--space", "quick", "--out-dir", str(out), "--output", str(tmp_path / "p.png")
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@needs_fashion
+def test_train_command(searched) -> None:  # type: ignore[no-untyped-def]
+    out, _ = searched
+    proc = run_cli(
+        "train", "--config", str(out / "best.json"), "--space", "quick", "--epochs", "1", "--json"
+    )
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["steps"] == 2000 // 64
+    assert 0.0 <= record["test_accuracy"] <= 1.0
+
+
+@needs_fashion
+def test_killed_search_resumes_without_retraining(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL a real search once a candidate has finished; the rerun completes the rest."""
+    args = [
+        sys.executable,
+        "scripts/search.py",
+        "--space",
+        "quick",
+        "--out-dir",
+        str(tmp_path),
+        "--quiet",
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    db = tmp_path / "study.db"
+
+    def complete() -> list[str]:
+        if not db.exists():
+            return []
+        with sqlite3.connect(db) as con:
+            return [
+                v
+                for (v,) in con.execute(
+                    "select a.value_json from trials t join trial_user_attributes a "
+                    "on a.trial_id = t.trial_id "
+                    "where t.state = 'COMPLETE' and a.key = 'display_id'"
+                )
+            ]
+
+    deadline = time.monotonic() + 300
+    while not complete() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    finished = complete()
+    assert 1 <= len(finished) < 4, "the search finished before it could be killed"
+
+    rerun = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    after = complete()
+    assert sorted(set(after)) == sorted(after) and len(after) == 4  # each candidate once
+    assert set(finished) <= set(after)
