@@ -173,6 +173,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"study {name!r} in {storage}")
 
     from mobisearch.rank import Ranker
+    from mobisearch.train import enable_compilation_cache
+
+    if not args.no_compile_cache:
+        print(f"compilation cache: {enable_compilation_cache(args.compile_cache)}")
 
     ranker = Ranker(
         space,
@@ -212,7 +216,7 @@ def _plot(study: optuna.Study, records: list[dict], path: pathlib.Path) -> pathl
     from mobisearch.plotting import frontier_info, plot_frontier
 
     attrs = study.user_attrs
-    devices = {str(r.get("device", {}).get("device_kind", "")) for r in records if "device" in r}
+    devices = {_device_name(r["device"]) for r in records if isinstance(r.get("device"), dict)}
     budget = attrs.get("max_macs")
     budget_text = f"{format_count(budget)} MACs" if budget else "none"
     title = (
@@ -224,6 +228,14 @@ def _plot(study: optuna.Study, records: list[dict], path: pathlib.Path) -> pathl
     info = info._replace(xlabel=f"latency (ms, batch {batch}, median)")
     plot_frontier(info, path=str(path))
     return path
+
+
+def _device_name(fp: dict[str, Any]) -> str:
+    """`device_kind`, or the processor model on a CPU (where device_kind is just "cpu")."""
+    kind = str(fp.get("device_kind", "?"))
+    if kind.lower() == "cpu" and fp.get("processor"):
+        return f"{fp['processor']} ({fp.get('cpu_count', '?')} cores)"
+    return kind
 
 
 def _frontier_table(front: list[dict]) -> str:
@@ -383,6 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a space value, e.g. train.steps=100 (repeatable)",
     )
+    p.add_argument(
+        "--compile-cache",
+        help="JAX compilation cache folder "
+        "(default: $MOBISEARCH_CACHE_DIR or ~/.cache/mobisearch/jax)",
+    )
+    p.add_argument("--no-compile-cache", action="store_true", help="compile everything afresh")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_search)
 

@@ -66,10 +66,13 @@ class Plan:
         lines = [f"{self.total} candidates, {len(self.kept)} within the budget"]
         reasons: dict[str, int] = {}
         for _, _, why in self.dropped:
-            key = why.split(" > ")[0]
-            reasons[key] = reasons.get(key, 0) + 1
+            # `why` is e.g. "MACs 23.9M > 20M; params 1.8M > 1M": count per limit.
+            for part in why.split("; "):
+                kind, _, limit = part.partition(" ")
+                key = f"{kind} over {limit.split(' > ')[-1]}"
+                reasons[key] = reasons.get(key, 0) + 1
         for key, n in sorted(reasons.items()):
-            lines.append(f"  dropped {n}: {key} over the budget")
+            lines.append(f"  dropped {n}: {key}")
         return "\n".join(lines)
 
 

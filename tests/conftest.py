@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Searches started by tests (and their subprocesses) keep compiled steps out of ~/.cache.
+os.environ["MOBISEARCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="mobisearch-test-cache-")
 
 import pytest
 

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 
 from mobisearch import search
 from mobisearch.arch import ArchSpec
-from mobisearch.cost import count_cost
+from mobisearch.cost import count_cost, format_count
 from mobisearch.space import load_space, resolve_space_path
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -62,6 +62,7 @@ def test_plan_drops_over_budget_before_anything_runs(space) -> None:  # type: ig
     assert all(c.macs > costs[1] for _, c, _ in plan.dropped)
     assert all("MACs" in why for _, _, why in plan.dropped)
     assert "4 candidates, 2 within the budget" in plan.summary()
+    assert f"dropped 2: MACs over {format_count(costs[1])}" in plan.summary()
 
 
 def test_plan_max_params(space) -> None:  # type: ignore[no-untyped-def]
@@ -151,7 +152,7 @@ KILLED_SEARCH = textwrap.dedent(
     """
     import os, signal, sys
     from mobisearch import search
-    from mobisearch.cost import count_cost
+    from mobisearch.cost import count_cost, format_count
     from mobisearch.space import load_space, resolve_space_path
 
     space = load_space(resolve_space_path("quick"))

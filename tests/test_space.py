@@ -127,7 +127,7 @@ def test_fashion_mnist_is_the_small_preset() -> None:
     }
     assert space.data == DataConfig(dataset="fashion_mnist", validation_size=5000)
     assert space.train == TrainConfig(
-        steps=300, batch_size=128, learning_rate=0.005, warmup_steps=30, weight_decay=1e-4
+        steps=100, batch_size=128, learning_rate=0.005, warmup_steps=10, weight_decay=1e-4
     )
     assert space.latency == LatencyConfig(batch_size=1)
 
@@ -409,7 +409,7 @@ def test_overrides() -> None:
     assert new.widths == (0.5, 1.0) and len(new) == 12
     assert new.data.validation_size == 1000
     assert new.path == space.path and new.base == space.base
-    assert dataclasses.replace(new.train, steps=300) == space.train
+    assert dataclasses.replace(new.train, steps=space.train.steps) == space.train
     assert apply_overrides(space, []) == space
 
 
@@ -472,15 +472,18 @@ def test_override_errors(override: str, needles: list[str]) -> None:
 def test_override_error_names_the_culprit() -> None:
     space = load_space(resolve_space_path(DEFAULT_SPACE))
     # Lowering steps below the warmup is caught, and the message says what to change.
+    assert space.train is not None
+    warmup = space.train.warmup_steps
     with pytest.raises(SpaceError) as info:
-        apply_overrides(space, ["axes.kernel=[3]", "train.steps=20"])
-    assert "train.warmup_steps = 30" in str(info.value)
-    assert "'axes.kernel=[3]'" in str(info.value) and "'train.steps=20'" in str(info.value)
+        apply_overrides(space, ["axes.kernel=[3]", f"train.steps={warmup}"])
+    assert f"train.warmup_steps = {warmup}" in str(info.value)
+    assert "'axes.kernel=[3]'" in str(info.value)
+    assert f"'train.steps={warmup}'" in str(info.value)
     with pytest.raises(SpaceError, match=r"^override 'train.steps=0': "):
         apply_overrides(space, ["axes.kernel=[3]", "train.steps=0"])
     # Both together are fine.
-    new = apply_overrides(space, ["train.steps=20", "train.warmup_steps=2"])
-    assert new.train is not None and new.train.steps == 20
+    new = apply_overrides(space, [f"train.steps={warmup}", "train.warmup_steps=2"])
+    assert new.train is not None and new.train.steps == warmup
 
 
 def test_override_cost_only_space_needs_train() -> None:

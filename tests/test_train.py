@@ -119,3 +119,54 @@ def test_loss_falls_on_synthetic(data) -> None:  # type: ignore[no-untyped-def]
     # Seen here: 2.29 -> 0.49 mean loss over the first/last 10 steps, 0.95 val accuracy.
     assert curve[-10:].mean() < 0.5 * curve[:10].mean()
     assert result.val_accuracy > 0.5
+
+
+CACHED_COMPILE = """
+import sys
+from mobisearch import train
+from mobisearch.data import load_dataset
+from mobisearch.space import TrainConfig
+from tests.test_train import small_arch
+
+import jax
+
+events = []
+jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
+train.enable_compilation_cache(sys.argv[1], min_compile_time_s=0)
+cfg = TrainConfig(steps=2, batch_size=16, warmup_steps=1, eval_batch_size=64)
+data = load_dataset("synthetic", validation_size=64, train_size=128)
+status = train.train_and_evaluate(small_arch(), cfg, data, seed=0).status
+print(status, events.count("/jax/compilation_cache/cache_hits"))
+"""
+
+
+def test_compilation_cache_is_reused_by_a_second_process(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cache = tmp_path / "cache"
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", CACHED_COMPILE, str(cache)],
+            capture_output=True, text=True, timeout=300, cwd=root,
+            env=env,
+        )  # fmt: skip
+
+    first = run()
+    assert first.returncode == 0, first.stderr
+    status, hits = first.stdout.split()
+    assert status == "ok" and int(hits) == 0
+    entries = sorted(p.name for p in cache.iterdir())
+    assert entries, "the first run wrote nothing to the compilation cache"
+    second = run()
+    assert second.returncode == 0, second.stderr
+    # The second process loaded the train and eval steps (at least) from the cache and
+    # wrote no new entry.
+    status, hits = second.stdout.split()
+    assert status == "ok" and int(hits) >= 2
+    assert sorted(p.name for p in cache.iterdir()) == entries
