@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from mobisearch.arch import ArchSpec
-from mobisearch.cost import Cost, count_cost, format_count, parse_count
+from mobisearch.cost import Cost, cost_record, count_cost, format_count, parse_count
 from mobisearch.presets import mobilenet_v1
 
 if TYPE_CHECKING:
@@ -61,19 +61,6 @@ def _layer_table(arch: ArchSpec, cost: Cost) -> str:
     return "\n".join(rows)
 
 
-def _cost_record(arch: ArchSpec, cost: Cost) -> dict[str, object]:
-    return {
-        "display_id": arch.display_id,
-        "width": arch.width,
-        "resolution": arch.resolution,
-        "kernel": arch.kernel,
-        "macs": cost.macs,
-        "params": cost.params,
-        "weights": cost.weights,
-        "peak_activation_bytes": cost.peak_activation_bytes,
-    }
-
-
 def cmd_cost(args: argparse.Namespace) -> int:
     """`mobisearch cost`: one architecture's cost, or every candidate of a space."""
     if args.space is None:
@@ -86,7 +73,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
         )
         cost = count_cost(arch)
         if args.json:
-            print(json.dumps(_cost_record(arch, cost) | {"arch": arch.to_dict()}))
+            print(json.dumps(cost_record(arch, cost) | {"arch": arch.to_dict()}))
         else:
             print(_layer_table(arch, cost))
         return 0
@@ -102,7 +89,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
         and (args.max_params is None or r[1].params <= args.max_params)
     ]
     if args.json:
-        print(json.dumps([_cost_record(a, c) for a, c in kept], indent=1))
+        print(json.dumps([cost_record(a, c) for a, c in kept], indent=1))
         return 0
     print(f"{'candidate':<22}{'MACs':>14}{'params':>12}{'peak act. bytes':>17}")
     for a, c in kept:

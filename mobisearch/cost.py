@@ -50,7 +50,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from decimal import Decimal, localcontext
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mobisearch.arch import ArchSpec, LayerSpec
@@ -314,3 +314,24 @@ def format_count(n: int) -> str:
         return f"{n // unit}{suffix}"  # exact: `20M`, as a user types a budget
     tenths = (10 * n + unit // 2) // unit  # integer half-up rounding to 0.1 unit
     return f"{tenths // 10}.{tenths % 10}{suffix}"
+
+
+def cost_record(arch: ArchSpec, cost: Cost | None = None) -> dict[str, Any]:
+    """A flat, JSON-ready summary of a candidate and its cost (CLI output, trial attrs).
+
+    Examples:
+      >>> from mobisearch.presets import mobilenet_v1
+      >>> cost_record(mobilenet_v1(0.5, 160))["macs"]
+      76524800
+    """
+    cost = count_cost(arch) if cost is None else cost
+    return {
+        "display_id": arch.display_id,
+        "width": arch.width,
+        "resolution": arch.resolution,
+        "kernel": arch.kernel,
+        "macs": cost.macs,
+        "params": cost.params,
+        "weights": cost.weights,
+        "peak_activation_bytes": cost.peak_activation_bytes,
+    }

@@ -30,7 +30,7 @@ import optuna
 from optuna.trial import TrialState
 
 from mobisearch.arch import ArchSpec
-from mobisearch.cost import Cost, count_cost, format_count
+from mobisearch.cost import Cost, cost_record, count_cost, format_count
 from mobisearch.space import SearchSpace
 
 # Validation accuracy, latency.
@@ -216,17 +216,7 @@ def pending(study: optuna.Study, plan: Plan) -> list[tuple[ArchSpec, Cost]]:
 
 def cost_attrs(arch: ArchSpec, cost: Cost) -> dict[str, Any]:
     """The user attributes every trial of a candidate starts with."""
-    return {
-        "display_id": arch.display_id,
-        "arch": arch.to_dict(),
-        "width": arch.width,
-        "resolution": arch.resolution,
-        "kernel": arch.kernel,
-        "macs": cost.macs,
-        "params": cost.params,
-        "weights": cost.weights,
-        "peak_activation_bytes": cost.peak_activation_bytes,
-    }
+    return {**cost_record(arch, cost), "arch": arch.to_dict()}
 
 
 def run_search(
