@@ -271,14 +271,26 @@ def plot_frontier(
         # the space above-left of a point is free; left-half points label above-right
         # instead, so that no label runs off the axes.
         mid_x = (float(info.x.min()) + float(info.x.max())) / 2
-        for (px, py), names in labels.items():
+        # Neighbours closer than a label's size alternate above and below their point, so
+        # the ids of a crowded stretch of the front do not overprint each other.
+        span_x = float(np.ptp(info.x)) or 1.0
+        span_y = float(np.ptp(info.y)) or 1.0
+        previous: tuple[float, float] | None = None
+        below = False
+        for (px, py), names in sorted(labels.items()):
             right_half = px > mid_x
+            crowded = previous is not None and (
+                abs(px - previous[0]) / span_x < 0.25 and abs(py - previous[1]) / span_y < 0.08
+            )
+            below = crowded and not below
+            previous = (px, py)
             ax.annotate(
                 ", ".join(names),
                 (px, py),
-                xytext=(-5 if right_half else 5, 5),
+                xytext=(-5 if right_half else 5, -7 if below else 5),
                 textcoords="offset points",
                 ha="right" if right_half else "left",
+                va="top" if below else "baseline",
                 fontsize=7,
                 zorder=5,
             )
