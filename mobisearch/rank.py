@@ -20,8 +20,8 @@ from flax import nnx, serialization
 from mobisearch.arch import ArchSpec
 from mobisearch.data import image_mean_std
 from mobisearch.latency import device_fingerprint, measure_latency
-from mobisearch.models import build_model, default_depthwise_impl, split_model
-from mobisearch.train import evaluate, train_and_evaluate
+from mobisearch.models import default_depthwise_impl
+from mobisearch.train import evaluate, fresh_split, train_and_evaluate
 
 if TYPE_CHECKING:
     from mobisearch.data import Dataset
@@ -38,9 +38,7 @@ def model_latency(
     depthwise: str | None = None,
 ) -> dict[str, Any]:
     """Median and spread of one eval-mode forward pass of a trained model, in ms."""
-    model = build_model(arch, rngs=nnx.Rngs(0), depthwise=depthwise)
-    model.eval()
-    graphdef, _, _ = split_model(model)
+    graphdef, _, _ = fresh_split(arch, depthwise, training=False)
     params, rest = state
 
     @jax.jit
@@ -78,8 +76,7 @@ def save_state(state: Any, path: pathlib.Path) -> None:
 def load_state(arch: ArchSpec, path: pathlib.Path, *, depthwise: str | None = None) -> Any:
     """Read a state written by `save_state` into a freshly built model's structure."""
     restored = serialization.msgpack_restore(path.read_bytes())
-    model = build_model(arch, rngs=nnx.Rngs(0), depthwise=depthwise)
-    _, params, rest = split_model(model)
+    _, params, rest = fresh_split(arch, depthwise, training=True)
     nnx.replace_by_pure_dict(params, restored["params"])
     nnx.replace_by_pure_dict(rest, restored["rest"])
     return params, rest

@@ -148,9 +148,15 @@ def _loss(logits: jax.Array, labels: jax.Array, num_classes: int, smoothing: flo
 TRACE_COUNTS: dict[str, int] = {"train_step": 0, "eval_step": 0}
 
 
-def _split(arch: ArchSpec, depthwise: str, *, training: bool) -> tuple[Any, Any, Any]:
-    """`(graphdef, params, rest)` of a freshly built model in train or eval mode."""
-    model = build_model(arch, rngs=nnx.Rngs(0), depthwise=depthwise)
+def fresh_split(
+    arch: ArchSpec, depthwise: str | None = None, *, training: bool, seed: int = 0
+) -> tuple[Any, Any, Any]:
+    """`(graphdef, params, rest)` of a freshly built model in train or eval mode.
+
+    The graph of a train-mode model uses batch statistics in BatchNorm, that of an eval-mode
+    model the running averages; `params` and `rest` have the same structure either way.
+    """
+    model = build_model(arch, rngs=nnx.Rngs(seed), depthwise=depthwise)
     if training:
         model.train()
     else:
@@ -178,7 +184,7 @@ def _compile_train(
 ) -> _CompiledTrain:
     """Trace and compile the train step of one architecture + recipe, once."""
     t0 = time.perf_counter()
-    graphdef, params, rest = _split(arch, depthwise, training=True)
+    graphdef, params, rest = fresh_split(arch, depthwise, training=True)
     tx = make_optimizer(cfg)
 
     def train_step(params, rest, opt_state, x_all, y_all, idx):  # type: ignore[no-untyped-def]
@@ -216,7 +222,7 @@ def _compile_train(
 def _compile_eval(arch: ArchSpec, depthwise: str, batch: int) -> _CompiledEval:
     """Trace and compile the eval step (masked, fixed batch) of one architecture, once."""
     t0 = time.perf_counter()
-    graphdef, params, rest = _split(arch, depthwise, training=False)
+    graphdef, params, rest = fresh_split(arch, depthwise, training=False)
 
     def eval_step(params, rest, x, y, mask):  # type: ignore[no-untyped-def]
         TRACE_COUNTS["eval_step"] += 1
@@ -324,8 +330,7 @@ def train_and_evaluate(
     )
     compile_s = compile_train_s + compile_eval_s
 
-    model = build_model(arch, rngs=nnx.Rngs(seed), depthwise=depthwise)
-    _, params, rest = split_model(model)
+    _, params, rest = fresh_split(arch, depthwise, training=True, seed=seed)
     opt_state = train.tx.init(params)
     rng = np.random.default_rng(seed)
     x_dev = jax.device_put(x_train)
