@@ -181,12 +181,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _fail(study: optuna.Study, trial_number: int, status: str, reason: str) -> None:
-    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial_number)
-    handle = optuna.trial.Trial(study, frozen._trial_id)
-    handle.set_user_attr("status", status)
-    handle.set_user_attr("reason", reason)
-    study.tell(trial_number, state=TrialState.FAIL, skip_if_finished=True)
+def _fail(study: optuna.Study, trial: optuna.Trial, status: str, reason: str) -> None:
+    trial.set_user_attr("status", status)
+    trial.set_user_attr("reason", reason)
+    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
 
 
 def recover_interrupted(study: optuna.Study) -> list[str]:
@@ -197,7 +195,8 @@ def recover_interrupted(study: optuna.Study) -> list[str]:
         worker = str(t.user_attrs.get("worker", ""))
         w_host, _, w_pid = worker.rpartition(":")
         if w_host == host and w_pid.isdigit() and not _pid_alive(int(w_pid)):
-            _fail(study, t.number, "interrupted", f"worker {worker} stopped while running it")
+            handle = optuna.trial.Trial(study, t._trial_id)
+            _fail(study, handle, "interrupted", f"worker {worker} stopped while running it")
             recovered.append(str(t.user_attrs.get("display_id")))
     return recovered
 
@@ -265,7 +264,7 @@ def run_search(
         try:
             metrics = dict(evaluate(arch))
         except KeyboardInterrupt:
-            _fail(study, trial.number, "interrupted", "KeyboardInterrupt")
+            _fail(study, trial, "interrupted", "KeyboardInterrupt")
             raise
         except Exception as e:  # noqa: BLE001 (recorded, and the search goes on)
             metrics = {"status": "error", "reason": f"{type(e).__name__}: {e}"}
