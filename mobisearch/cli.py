@@ -172,7 +172,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         latency_batch=latency_batch,
         depthwise=args.depthwise,
     )
-    with _Progress(len(plan.kept), enabled=not args.quiet) as progress:
+    with _Progress(enabled=not args.quiet) as progress:
         search.run_search(study, plan, ranker, on_start=progress.start, on_done=progress.done)
     front = finish_search(study, ranker, out_dir)
     print(_frontier_table(front))
@@ -238,8 +238,8 @@ def _frontier_table(front: list[dict]) -> str:
 class _Progress:
     """tqdm progress bar: candidates done / total, current candidate, elapsed, ETA, best."""
 
-    def __init__(self, total: int, *, enabled: bool) -> None:
-        self.total, self.enabled, self.best = total, enabled, float("nan")
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled, self.best = enabled, float("nan")
         self.bar: Any = None
 
     def __enter__(self) -> _Progress:
