@@ -42,6 +42,8 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from mobisearch import kernels
+
 if TYPE_CHECKING:
     from mobisearch.arch import ArchSpec, LayerSpec
 
@@ -79,7 +81,13 @@ Array = jax.Array
 #: * `"patches"`: stack the k² slices into `[b, h, w, k², C]` and contract with the kernel
 #:   (`einsum`); materialises k² copies of the activations. Measured well behind `"shift"`
 #:   (slower than `"grouped"` in the forward, faster in forward+backward).
-DEPTHWISE_IMPLS: tuple[str, ...] = ("grouped", "shift", "shift_vjp", "patches")
+#: * `"native"`: C++ XLA FFI kernels (`mobisearch.kernels`, CPU, float32), built on first
+#:   use, reading each output's k×k window once with channels innermost. Under
+#:   differentiation the forward and the backward pass (input and kernel gradients in one
+#:   sweep) are native; a forward that is not differentiated (inference) is `"shift"`,
+#:   which XLA fuses with the BatchNorm and ReLU around it. Elsewhere (GPU, other dtypes)
+#:   it is `"shift"`.
+DEPTHWISE_IMPLS: tuple[str, ...] = ("grouped", "shift", "shift_vjp", "patches", "native")
 
 #: Environment variable that overrides `default_depthwise_impl` (e.g. `=grouped`).
 DEPTHWISE_ENV_VAR = "MOBISEARCH_DEPTHWISE"
@@ -233,8 +241,47 @@ def _shift_vjp(x: Array, kernel: Array, stride: int) -> Array:
     return _shift_cvjp(x, kernel, stride)
 
 
+def _native_pads(x: Array, k: int, stride: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    out_h, lo_h, _ = same_pads(x.shape[1], k, stride)
+    out_w, lo_w, _ = same_pads(x.shape[2], k, stride)
+    return (lo_h, lo_w), (out_h, out_w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _native_cvjp(x: Array, kernel: Array, stride: int) -> Array:
+    # Not differentiated (inference): shift-and-add, which XLA fuses with the BatchNorm
+    # and ReLU around it and which measured faster than the native forward there.
+    return _shift(x, kernel, stride)
+
+
+def _native_fwd(x: Array, kernel: Array, stride: int) -> tuple[Array, Any]:
+    pads, out_hw = _native_pads(x, kernel.shape[0], stride)
+    y = kernels.depthwise_forward(x, kernel, stride=stride, pads=pads, out_hw=out_hw)
+    return y, (x, kernel)
+
+
+def _native_bwd(stride: int, res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+    x, kernel = res
+    pads, _ = _native_pads(x, kernel.shape[0], stride)
+    return kernels.depthwise_backward(x, kernel, g, stride=stride, pads=pads)
+
+
+_native_cvjp.defvjp(_native_fwd, _native_bwd)
+
+
+def _native(x: Array, kernel: Array, stride: int) -> Array:
+    if not kernels.available():
+        raise RuntimeError(
+            f"depthwise impl 'native' is unavailable: {kernels.unavailable_reason()}"
+        )
+    if jax.default_backend() != "cpu" or x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
+        return _shift(x, kernel, stride)  # the FFI handlers are float32 and CPU only
+    return _native_cvjp(x, kernel, stride)
+
+
 _DEPTHWISE_FNS = {
     "grouped": _grouped,
+    "native": _native,
     "shift": _shift,
     "shift_vjp": _shift_vjp,
     "patches": _patches,
@@ -294,8 +341,10 @@ def depthwise_conv(x: Array, kernel: Array, *, stride: int, impl: str = "grouped
 # the simpler one (plain autodiff) is the default.
 # GPU/TPU: NOT measured (no accelerator here); "grouped" because cuDNN and the TPU compiler
 # have dedicated depthwise kernels. Re-run the benchmark there and revisit.
-_DEFAULT_IMPL_BY_BACKEND = {"cpu": "shift"}
+_DEFAULT_IMPL_BY_BACKEND = {"cpu": "native"}
 _DEFAULT_IMPL_OTHER = "grouped"
+# Where the native kernels cannot be built (no C++ compiler): the best pure-XLA variant.
+_CPU_FALLBACK_IMPL = "shift"
 
 
 def default_depthwise_impl(backend: str | None = None) -> str:
@@ -323,7 +372,10 @@ def default_depthwise_impl(backend: str | None = None) -> str:
         return override
     if backend is None:
         backend = jax.default_backend()
-    return _DEFAULT_IMPL_BY_BACKEND.get(backend, _DEFAULT_IMPL_OTHER)
+    impl = _DEFAULT_IMPL_BY_BACKEND.get(backend, _DEFAULT_IMPL_OTHER)
+    if impl == "native" and not kernels.available():
+        return _CPU_FALLBACK_IMPL
+    return impl
 
 
 # --- modules ---------------------------------------------------------------------------

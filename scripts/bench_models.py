@@ -127,6 +127,7 @@ def _cases() -> dict[str, Case]:
 CASES = _cases()
 FRAMEWORKS = (
     "mobisearch",
+    "mobisearch-shift",
     "keras",
     "torch-nchw",
     "torch-cl",
@@ -246,9 +247,10 @@ def _jax_inputs(case: Case) -> tuple[jax.Array, jax.Array]:
     return x, y
 
 
-def mobisearch_runner(case: Case) -> Runner:
-    """mobisearch's NNX model, functional form, AOT-compiled with `jax.jit`."""
-    impl = default_depthwise_impl()
+def mobisearch_runner(case: Case, impl: str | None = None) -> Runner:
+    """mobisearch's NNX model, functional form, AOT-compiled with `jax.jit`; `impl` is the
+    depthwise implementation (default: the backend's)."""
+    impl = impl or default_depthwise_impl()
     x, y = _jax_inputs(case)
     device = str(jax.devices()[0].device_kind)
     if case.kind == "infer":
@@ -455,6 +457,9 @@ def torch_runner(case: Case, *, channels_last: bool, compile_: bool) -> Runner:
 def make_runner(framework: str, case: Case) -> Runner:
     if framework == "mobisearch":
         return mobisearch_runner(case)
+    if framework == "mobisearch-shift":
+        # The CPU default before the native kernel: shift-and-add, for a before/after ratio.
+        return mobisearch_runner(case, "shift")
     if framework == "keras":
         return keras_runner(case)
     return torch_runner(

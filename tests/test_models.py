@@ -15,6 +15,7 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mobisearch import kernels
 from mobisearch.arch import ArchSpec, BlockSpec
 from mobisearch.cost import count_cost, layer_cost
 from mobisearch.models import (
@@ -446,7 +447,9 @@ def test_default_depthwise_impl_per_backend_and_env_override(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv(DEPTHWISE_ENV_VAR, raising=False)
-    assert default_depthwise_impl("cpu") == "shift"
+    # The native kernels where they build (a C++ compiler is there), else shift-and-add;
+    # tests/test_kernels.py checks the fallback in a process without a compiler.
+    assert default_depthwise_impl("cpu") == ("native" if kernels.available() else "shift")
     assert default_depthwise_impl("gpu") == "grouped"
     assert default_depthwise_impl() in DEPTHWISE_IMPLS
     monkeypatch.setenv(DEPTHWISE_ENV_VAR, "patches")

@@ -1,0 +1,214 @@
+// Depthwise k×k convolution (NHWC, float32, TF/Keras SAME padding) for XLA:CPU, as two
+// XLA FFI handlers: the forward pass and the backward pass (input and kernel gradients in
+// one sweep over the output gradient).
+//
+// XLA:CPU has no fast depthwise convolution: its grouped convolution lowers the weight
+// gradient to a dense C×C convolution, and the shift-and-add formulation (k² shifted
+// slices) materialises every tap. Here each output pixel reads its k×k window once, with
+// the channel loop innermost (contiguous in NHWC), which the compiler vectorises.
+//
+// Work is split over the batch between the caller and XLA's intra-op thread pool. The
+// kernel gradient is accumulated per chunk and summed at the end in chunk order, so the
+// result does not depend on thread timing.
+//
+// Built on first use by mobisearch/kernels.py (g++ -O3 -march=native) against the FFI
+// headers shipped with jaxlib (`jax.ffi.include_dir()`).
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Geometry {
+  int64_t n, h, w, c, k, oh, ow, stride, lo_h, lo_w;
+};
+
+// Runs body(chunk) for chunk in [0, chunks) on the caller and the thread pool, and returns
+// when all have finished. Tasks that start after every chunk was taken do nothing; the
+// shared state outlives the call for them.
+template <typename Body>
+void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, Body body) {
+  if (chunks <= 1) {
+    if (chunks == 1) body(0);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    int64_t done = 0;
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  // `body` is only touched while a chunk is unfinished, and the caller waits for all.
+  auto run = [state, chunks, body_ptr = &body]() {
+    int64_t finished = 0;
+    for (int64_t i; (i = state->next.fetch_add(1)) < chunks;) {
+      (*body_ptr)(i);
+      ++finished;
+    }
+    if (finished) {
+      std::lock_guard<std::mutex> lock(state->mu);
+      state->done += finished;
+      if (state->done == chunks) state->cv.notify_all();
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks - 1);
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(run)(run));
+  run();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done == chunks; });
+}
+
+int64_t NumChunks(ffi::ThreadPool& pool, int64_t n) {
+  return std::max<int64_t>(1, std::min<int64_t>(n, pool.num_threads() + 1));
+}
+
+ffi::Error CheckShapes(const Geometry& g, ffi::Span<const int64_t> x_dims,
+                       ffi::Span<const int64_t> w_dims) {
+  if (x_dims.size() != 4) return ffi::Error::InvalidArgument("x must be NHWC (rank 4)");
+  if (w_dims.size() != 3 || w_dims[0] != w_dims[1] || w_dims[2] != x_dims[3])
+    return ffi::Error::InvalidArgument("kernel must be [k, k, C] with x's C");
+  if (g.stride < 1) return ffi::Error::InvalidArgument("stride must be >= 1");
+  return ffi::Error::Success();
+}
+
+Geometry MakeGeometry(ffi::Span<const int64_t> x_dims, ffi::Span<const int64_t> w_dims,
+                      int64_t oh, int64_t ow, int32_t stride, int32_t lo_h, int32_t lo_w) {
+  return Geometry{x_dims[0], x_dims[1], x_dims[2], x_dims[3], w_dims[0], oh, ow,
+                  stride,    lo_h,      lo_w};
+}
+
+void ForwardChunk(const Geometry& g, const float* __restrict x, const float* __restrict w,
+                  float* __restrict y, int64_t n0, int64_t n1) {
+  const int64_t C = g.c;
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t oh = 0; oh < g.oh; ++oh) {
+      for (int64_t ow = 0; ow < g.ow; ++ow) {
+        float* __restrict yp = y + ((n * g.oh + oh) * g.ow + ow) * C;
+        std::fill(yp, yp + C, 0.0f);
+        for (int64_t i = 0; i < g.k; ++i) {
+          const int64_t ih = oh * g.stride + i - g.lo_h;
+          if (ih < 0 || ih >= g.h) continue;
+          for (int64_t j = 0; j < g.k; ++j) {
+            const int64_t iw = ow * g.stride + j - g.lo_w;
+            if (iw < 0 || iw >= g.w) continue;
+            const float* __restrict xp = x + ((n * g.h + ih) * g.w + iw) * C;
+            const float* __restrict wp = w + (i * g.k + j) * C;
+            for (int64_t c = 0; c < C; ++c) yp[c] += xp[c] * wp[c];
+          }
+        }
+      }
+    }
+  }
+}
+
+void BackwardChunk(const Geometry& g, const float* __restrict x, const float* __restrict w,
+                   const float* __restrict dy, float* __restrict dx, float* __restrict dw,
+                   int64_t n0, int64_t n1) {
+  const int64_t C = g.c;
+  std::fill(dx + n0 * g.h * g.w * C, dx + n1 * g.h * g.w * C, 0.0f);
+  std::fill(dw, dw + g.k * g.k * C, 0.0f);
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t oh = 0; oh < g.oh; ++oh) {
+      for (int64_t ow = 0; ow < g.ow; ++ow) {
+        const float* __restrict gp = dy + ((n * g.oh + oh) * g.ow + ow) * C;
+        for (int64_t i = 0; i < g.k; ++i) {
+          const int64_t ih = oh * g.stride + i - g.lo_h;
+          if (ih < 0 || ih >= g.h) continue;
+          for (int64_t j = 0; j < g.k; ++j) {
+            const int64_t iw = ow * g.stride + j - g.lo_w;
+            if (iw < 0 || iw >= g.w) continue;
+            const int64_t off = ((n * g.h + ih) * g.w + iw) * C;
+            const float* __restrict xp = x + off;
+            float* __restrict dxp = dx + off;
+            const float* __restrict wp = w + (i * g.k + j) * C;
+            float* __restrict dwp = dw + (i * g.k + j) * C;
+            for (int64_t c = 0; c < C; ++c) {
+              dxp[c] += gp[c] * wp[c];
+              dwp[c] += gp[c] * xp[c];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
+                            int32_t stride, int32_t lo_h, int32_t lo_w) {
+  auto y_dims = y->dimensions();
+  Geometry g = MakeGeometry(x.dimensions(), w.dimensions(), y_dims[1], y_dims[2], stride,
+                            lo_h, lo_w);
+  if (auto err = CheckShapes(g, x.dimensions(), w.dimensions()); !err.success()) return err;
+  const float* xd = x.typed_data();
+  const float* wd = w.typed_data();
+  float* yd = y->typed_data();
+  const int64_t chunks = NumChunks(pool, g.n);
+  ParallelFor(pool, chunks, [&](int64_t t) {
+    ForwardChunk(g, xd, wd, yd, g.n * t / chunks, g.n * (t + 1) / chunks);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> dy,
+                             ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
+                             int32_t stride, int32_t lo_h, int32_t lo_w) {
+  auto dy_dims = dy.dimensions();
+  Geometry g = MakeGeometry(x.dimensions(), w.dimensions(), dy_dims[1], dy_dims[2], stride,
+                            lo_h, lo_w);
+  if (auto err = CheckShapes(g, x.dimensions(), w.dimensions()); !err.success()) return err;
+  const int64_t chunks = NumChunks(pool, g.n);
+  const int64_t taps = g.k * g.k * g.c;
+  std::vector<float> partial(static_cast<size_t>(chunks * taps));
+  const float* xd = x.typed_data();
+  const float* wd = w.typed_data();
+  const float* dyd = dy.typed_data();
+  float* dxd = dx->typed_data();
+  ParallelFor(pool, chunks, [&](int64_t t) {
+    BackwardChunk(g, xd, wd, dyd, dxd, partial.data() + t * taps, g.n * t / chunks,
+                  g.n * (t + 1) / chunks);
+  });
+  float* dwd = dw->typed_data();
+  std::memcpy(dwd, partial.data(), taps * sizeof(float));
+  for (int64_t t = 1; t < chunks; ++t) {
+    const float* p = partial.data() + t * taps;
+    for (int64_t i = 0; i < taps; ++i) dwd[i] += p[i];
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MobisearchDepthwiseForward, DepthwiseForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("stride")
+                                  .Attr<int32_t>("lo_h")
+                                  .Attr<int32_t>("lo_w"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MobisearchDepthwiseBackward, DepthwiseBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("stride")
+                                  .Attr<int32_t>("lo_h")
+                                  .Attr<int32_t>("lo_w"));

@@ -1,0 +1,214 @@
+"""Native CPU kernels for XLA, built on first use: the depthwise convolution.
+
+XLA:CPU has no fast depthwise convolution (see `mobisearch.models.DEPTHWISE_IMPLS`), so
+`csrc/depthwise.cc` implements its forward and backward pass as two XLA FFI handlers. The
+first call of `available()` compiles it with the system C++ compiler against the FFI headers
+that ship with jaxlib (`jax.ffi.include_dir()`), caches the shared library, loads it and
+registers the handlers for the `cpu` platform. Nothing is downloaded.
+
+The library is cached under `$MOBISEARCH_KERNEL_DIR` (default
+`$XDG_CACHE_HOME/mobisearch/kernels`, i.e. `~/.cache/mobisearch/kernels`), in a folder named
+by a hash of the source, the compiler command, jaxlib's version and this CPU's model and
+flags (it is built with `-march=native`), so a stale or foreign build is never loaded.
+
+Without a C++ compiler (`$CXX`, else `c++`) or with `MOBISEARCH_NATIVE=0`, `available()` is
+False, `unavailable_reason()` says why, and `mobisearch.models` falls back to shift-and-add.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.metadata
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import jax
+import numpy as np
+
+__all__ = [
+    "KERNEL_DIR_ENV_VAR",
+    "NATIVE_ENV_VAR",
+    "SOURCE",
+    "available",
+    "depthwise_backward",
+    "depthwise_forward",
+    "library_path",
+    "unavailable_reason",
+]
+
+#: The C++ source of the depthwise handlers.
+SOURCE = pathlib.Path(__file__).parent / "csrc" / "depthwise.cc"
+#: Folder for built libraries (default `~/.cache/mobisearch/kernels`).
+KERNEL_DIR_ENV_VAR = "MOBISEARCH_KERNEL_DIR"
+#: `MOBISEARCH_NATIVE=0` turns the native kernels off.
+NATIVE_ENV_VAR = "MOBISEARCH_NATIVE"
+
+_FWD_TARGET = "mobisearch_depthwise_fwd"
+_BWD_TARGET = "mobisearch_depthwise_bwd"
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}
+
+
+def _cpu_id() -> str:
+    """This CPU's model name and feature flags (what `-march=native` compiles for)."""
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [line for line in text.splitlines() if line.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(keep)))
+
+
+def _compile_command(source: pathlib.Path, output: pathlib.Path) -> list[str]:
+    cxx = os.environ.get("CXX", "c++")
+    return [
+        cxx,
+        "-O3",
+        "-march=native",
+        "-std=c++17",
+        "-shared",
+        "-fPIC",
+        "-w",
+        f"-I{jax.ffi.include_dir()}",
+        str(source),
+        "-o",
+        str(output),
+    ]
+
+
+def library_path() -> pathlib.Path:
+    """Where the library for this source, compiler, jaxlib and CPU is (or will be) cached."""
+    folder = pathlib.Path(
+        os.environ.get(KERNEL_DIR_ENV_VAR)
+        or pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
+        / "mobisearch"
+        / "kernels"
+    ).expanduser()
+    key = hashlib.sha256()
+    key.update(SOURCE.read_bytes())
+    key.update(" ".join(_compile_command(SOURCE, pathlib.Path("out"))).encode())
+    key.update(importlib.metadata.version("jaxlib").encode())
+    key.update(_cpu_id().encode())
+    return folder / key.hexdigest()[:16] / "libmobisearch_depthwise.so"
+
+
+def _build(path: pathlib.Path) -> None:
+    """Compile `SOURCE` to `path` atomically (a concurrent builder cannot leave half a file)."""
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler: {cxx!r} is not on PATH (set $CXX)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            _compile_command(SOURCE, pathlib.Path(tmp)),
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=300,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"building {SOURCE.name} failed (exit {done.returncode}): "
+                f"{done.stderr.strip()[-2000:]}"
+            )
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> None:
+    if os.environ.get(NATIVE_ENV_VAR, "").strip() == "0":
+        raise RuntimeError(f"turned off by {NATIVE_ENV_VAR}=0")
+    path = library_path()
+    if not path.exists():
+        _build(path)
+    lib = ctypes.CDLL(str(path))
+    jax.ffi.register_ffi_target(
+        _FWD_TARGET, jax.ffi.pycapsule(lib.MobisearchDepthwiseForward), platform="cpu"
+    )
+    jax.ffi.register_ffi_target(
+        _BWD_TARGET, jax.ffi.pycapsule(lib.MobisearchDepthwiseBackward), platform="cpu"
+    )
+    _STATE["lib"] = lib  # keep the library loaded
+
+
+def available() -> bool:
+    """Build (once), load and register the native kernels; True if they can be used."""
+    with _LOCK:
+        if "ok" not in _STATE:
+            try:
+                _load()
+                _STATE["ok"] = True
+            except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+                _STATE["ok"] = False
+                _STATE["reason"] = str(e)
+        return bool(_STATE["ok"])
+
+
+def unavailable_reason() -> str:
+    """Why `available()` is False ("" if it is True or was not called yet)."""
+    return str(_STATE.get("reason", ""))
+
+
+def _attrs(stride: int, pads: tuple[int, int]) -> dict[str, np.int32]:
+    return {"stride": np.int32(stride), "lo_h": np.int32(pads[0]), "lo_w": np.int32(pads[1])}
+
+
+def depthwise_forward(
+    x: jax.Array,
+    kernel: jax.Array,
+    *,
+    stride: int,
+    pads: tuple[int, int],
+    out_hw: tuple[int, int],
+) -> jax.Array:
+    """Depthwise convolution of float32 NHWC `x` with a `(k, k, 1, C)` kernel, natively.
+
+    `y[b, o, p, c] = Σ_ij x[b, o·s + i - lo_h, p·s + j - lo_w, c] · kernel[i, j, 0, c]`,
+    taps outside `x` counting as zero. Not differentiable by itself:
+    `mobisearch.models.depthwise_conv(..., impl="native")` pairs it with
+    `depthwise_backward` in a `jax.custom_vjp`. Call `available()` first.
+
+    Args:
+      x: `[b, h, w, C]` float32.
+      kernel: `[k, k, 1, C]` float32.
+      stride: the stride of both spatial axes.
+      pads: `(lo_h, lo_w)`, zero padding before the first row and column.
+      out_hw: `(out_h, out_w)`, the output size.
+
+    Returns:
+      `y`, `[b, out_h, out_w, C]`.
+    """
+    b, _, _, c = x.shape
+    k = kernel.shape[0]
+    call = jax.ffi.ffi_call(_FWD_TARGET, jax.ShapeDtypeStruct((b, *out_hw, c), x.dtype))
+    return call(x, kernel.reshape(k, k, c), **_attrs(stride, pads))
+
+
+def depthwise_backward(
+    x: jax.Array, kernel: jax.Array, g: jax.Array, *, stride: int, pads: tuple[int, int]
+) -> tuple[jax.Array, jax.Array]:
+    """Input and kernel gradients of `depthwise_forward` for the output cotangent `g`.
+
+    One sweep over `g`: each output pixel scatters `g · kernel` into its input window and
+    accumulates `g · x` into the kernel gradient.
+
+    Returns:
+      `(dx, dkernel)`, shaped like `x` and `kernel`.
+    """
+    k, c = kernel.shape[0], x.shape[3]
+    call = jax.ffi.ffi_call(
+        _BWD_TARGET,
+        (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((k, k, c), x.dtype)),
+    )
+    dx, dk = call(x, kernel.reshape(k, k, c), g, **_attrs(stride, pads))
+    return dx, dk.reshape(kernel.shape)
