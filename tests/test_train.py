@@ -103,6 +103,21 @@ def test_checkpoint_round_trip(tmp_path, data) -> None:  # type: ignore[no-untyp
     assert a == b
 
 
+def test_prepared_images_are_cached_per_array_and_resolution(data) -> None:  # type: ignore[no-untyped-def]
+    from mobisearch.data import normalize_images, resize_images
+
+    stats = image_mean_std(data.x_train)
+    a = train.prepare_images(data.x_train, 12, stats)
+    np.testing.assert_array_equal(a, normalize_images(resize_images(data.x_train, 12), *stats))
+    assert not a.flags.writeable  # shared between candidates: nobody may change it
+    assert train.prepare_images(data.x_train, 12, stats) is a
+    assert train.prepare_images(data.x_train, 10, stats).shape[1:3] == (10, 10)
+    # Same values in a different array, or other stats: not the cached entry.
+    assert train.prepare_images(data.x_train.copy(), 12, stats) is not a
+    other = (stats[0] + 1, stats[1])
+    assert not np.array_equal(train.prepare_images(data.x_train, 12, other), a)
+
+
 def test_batches_cover_each_epoch() -> None:
     rng = np.random.default_rng(0)
     idx = train._batch_indices(rng, n=10, batch=4, steps=5)
