@@ -319,26 +319,27 @@ def depthwise_conv(x: Array, kernel: Array, *, stride: int, impl: str = "grouped
     return _DEPTHWISE_FNS[impl](x, kernel, stride)
 
 
-# NOTE: chosen by measurement: `python scripts/bench_depthwise.py --repeats 20` (and
-# `--kernel 7 --repeats 10 --workloads train28 model28`), CPU backend, jax 0.10.2, 2-core
-# Intel Xeon VM shared with other jobs (load ~1-2), median ms of 20 interleaved rounds.
-# Files: results/benchmarks/bench-depthwise-cpu-jax0.10.2{,-k7}.csv.
-#                                            grouped   shift  shift_vjp  patches
+# NOTE: chosen by measurement: `python scripts/bench_depthwise.py --repeats 20`, CPU backend,
+# jax 0.10.2, 2-core Intel Xeon VM, median ms of 20 interleaved rounds
+# (results/benchmarks/bench-depthwise-cpu-jax0.10.2.csv; k7: the -k7 file, an earlier run
+# without "native").
+#                                            grouped   shift  shift_vjp  patches  native
 #   13 dw layers, mnv1-small 28x28 w0.5, batch 128, k3:
-#     forward                                 247.0     41.9      39.5    279.8
-#     forward+backward                        536.4     92.6     112.3    241.1
+#     forward                                 176.1     24.8      27.3    230.3    34.7
+#     forward+backward                        537.1    101.0     119.2    248.3    22.2
 #   13 dw layers, mnv1 224x224 w1.0, batch 1 (inference), k3:
-#     forward                                  41.2      3.1       3.1     50.2
-#     forward+backward                        172.3     27.3      23.5     59.3
+#     forward                                  37.5      2.9       2.8     49.1     4.6
+#     forward+backward                        168.5     26.5      24.2     56.3     6.1
 #   whole mnv1-small 28x28 w0.5, batch 128, train mode, k3:
-#     forward                                 262.4     29.0      27.8    182.2
-#     loss gradient                          1047.6    316.4     324.5    573.3
-#   the same two workloads with k7:
-#     dw layers forward / forward+backward    766/2251  56/565   59/549  1274/2886
-#     whole model forward / loss gradient     911/3422  45/854   43/880  1072/2948
-# So shift-and-add is 6-13x faster than XLA's grouped conv in the forward and 4-6x in
-# forward+backward (3-4x for a whole training step). shift_vjp is within noise of shift, so
-# the simpler one (plain autodiff) is the default.
+#     forward                                 257.9     28.4      27.2    172.8    30.8
+#     loss gradient                          1063.8    321.4     326.6    578.3   249.3
+# Shift-and-add is 6-13x faster than XLA's grouped conv in the forward; the native kernels
+# make forward+backward another 4.5x faster than shift-and-add (24x grouped), and the whole
+# training step (with the train step's compile options, scripts/bench_models.py) 1.6-3.6x.
+# In the forward alone, the native default computes shift-and-add (see DEPTHWISE_IMPLS),
+# yet measured 3-60% slower than plain "shift" here (the custom_vjp boundary; not
+# investigated further) and within 3-7% of it in the whole-model inference of
+# scripts/bench_models.py.
 # GPU/TPU: NOT measured (no accelerator here); "grouped" because cuDNN and the TPU compiler
 # have dedicated depthwise kernels. Re-run the benchmark there and revisit.
 _DEFAULT_IMPL_BY_BACKEND = {"cpu": "native"}
