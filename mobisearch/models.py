@@ -336,10 +336,10 @@ def depthwise_conv(x: Array, kernel: Array, *, stride: int, impl: str = "grouped
 # Shift-and-add is 6-13x faster than XLA's grouped conv in the forward; the native kernels
 # make forward+backward another 4.5x faster than shift-and-add (24x grouped), and the whole
 # training step (with the train step's compile options, scripts/bench_models.py) 1.6-3.6x.
-# In the forward alone, the native default computes shift-and-add (see DEPTHWISE_IMPLS),
-# yet measured 3-60% slower than plain "shift" here (the custom_vjp boundary; not
-# investigated further) and within 3-7% of it in the whole-model inference of
-# scripts/bench_models.py.
+# In the forward alone, "native" is shift-and-add (see DEPTHWISE_IMPLS; its lowered HLO has
+# the same slices and no custom call), yet it measured 8-60% slower than "shift" in this
+# run, and 3-7% slower in the whole-model inference of scripts/bench_models.py: a gap not
+# explained by the program, left for a later look.
 # GPU/TPU: NOT measured (no accelerator here); "grouped" because cuDNN and the TPU compiler
 # have dedicated depthwise kernels. Re-run the benchmark there and revisit.
 _DEFAULT_IMPL_BY_BACKEND = {"cpu": "native"}
