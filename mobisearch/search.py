@@ -182,8 +182,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _fail(study: optuna.Study, trial: optuna.Trial, status: str, reason: str) -> None:
-    trial.set_user_attr("status", status)
-    trial.set_user_attr("reason", reason)
+    """Mark `trial` failed with `status` and `reason`, unless it has finished already."""
+    try:
+        trial.set_user_attr("status", status)
+        trial.set_user_attr("reason", reason)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return  # told before the interruption: its result stands
     study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
 
 
@@ -218,6 +222,42 @@ def cost_attrs(arch: ArchSpec, cost: Cost) -> dict[str, Any]:
     return {**cost_record(arch, cost), "arch": arch.to_dict()}
 
 
+def _run_trial(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    by_id: Mapping[str, ArchSpec],
+    total: int,
+    evaluate: Evaluate,
+    on_start: Callable[[ArchSpec, int, int], None] | None,
+    on_done: Callable[[ArchSpec, Mapping[str, Any]], None] | None,
+) -> bool:
+    """Evaluate and tell one asked trial; False if it was not one of ours (stop)."""
+    did = trial.user_attrs.get("display_id")
+    if not isinstance(did, str) or did not in by_id:
+        # Another worker popped the last queued trial between our check and ask(), and
+        # optuna made a fresh, empty trial instead; discard it.
+        study.tell(trial, state=TrialState.FAIL)
+        return False
+    arch = by_id[did]
+    trial.set_user_attr("worker", _worker())
+    if on_start is not None:
+        queued = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        on_start(arch, total - queued - 1, total)
+    try:
+        metrics = dict(evaluate(arch))
+    except Exception as e:  # noqa: BLE001 (recorded, and the search goes on)
+        metrics = {"status": "error", "reason": f"{type(e).__name__}: {e}"}
+    for key, value in metrics.items():
+        trial.set_user_attr(key, value)
+    if metrics.get("status") == "ok":
+        study.tell(trial, values=[metrics["val_accuracy"], metrics["latency_ms"]])
+    else:
+        study.tell(trial, state=TrialState.FAIL)
+    if on_done is not None:
+        on_done(arch, metrics)
+    return True
+
+
 def run_search(
     study: optuna.Study,
     plan: Plan,
@@ -250,30 +290,13 @@ def run_search(
         if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             break
         trial = study.ask()
-        did = trial.user_attrs.get("display_id")
-        if did not in by_id:
-            # Another worker popped the last queued trial between our check and ask(), and
-            # optuna made a fresh, empty trial instead; discard it.
-            study.tell(trial, state=TrialState.FAIL)
-            break
-        arch = by_id[did]
-        trial.set_user_attr("worker", _worker())
-        if on_start is not None:
-            queued = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-            on_start(arch, total - queued - 1, total)
+        # From here until it is told, a Ctrl-C anywhere (not only during `evaluate`) must
+        # leave the trial failed as "interrupted": a RUNNING trial without its worker
+        # attribute could not be recovered, and the rerun would never retry it.
         try:
-            metrics = dict(evaluate(arch))
+            if not _run_trial(study, trial, by_id, total, evaluate, on_start, on_done):
+                break
         except KeyboardInterrupt:
             _fail(study, trial, "interrupted", "KeyboardInterrupt")
             raise
-        except Exception as e:  # noqa: BLE001 (recorded, and the search goes on)
-            metrics = {"status": "error", "reason": f"{type(e).__name__}: {e}"}
-        for key, value in metrics.items():
-            trial.set_user_attr(key, value)
-        if metrics.get("status") == "ok":
-            study.tell(trial, values=[metrics["val_accuracy"], metrics["latency_ms"]])
-        else:
-            study.tell(trial, state=TrialState.FAIL)
-        if on_done is not None:
-            on_done(arch, metrics)
     return study

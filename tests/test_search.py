@@ -148,6 +148,31 @@ def test_interrupt_then_resume(tmp_path, space) -> None:  # type: ignore[no-unty
     assert sorted(done) == sorted(ids)
 
 
+@pytest.mark.parametrize("hook", ["on_start", "on_done"])
+def test_ctrl_c_outside_evaluate_still_leaves_the_trial_retryable(tmp_path, space, hook) -> None:  # type: ignore[no-untyped-def]
+    """A Ctrl-C between ask() and tell() but outside `evaluate` (here in the progress
+    callbacks) fails the trial as interrupted instead of leaving it RUNNING for ever."""
+    plan = search.plan_search(space)
+    ids = [a.display_id for a, _ in plan.kept]
+    study = new_study(tmp_path, space)
+
+    def interrupt_on_second(arch, *_):  # type: ignore[no-untyped-def]
+        if arch.display_id == ids[1]:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        search.run_search(study, plan, Recorder(), **{hook: interrupt_on_second})
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    second = Recorder()
+    search.run_search(study, plan, second)
+    done = [t.user_attrs["display_id"] for t in study.get_trials(states=(TrialState.COMPLETE,))]
+    if hook == "on_start":  # interrupted before its evaluation: retried
+        assert sorted(second.calls) == sorted(ids[1:])
+    else:  # interrupted after it was told: finished, not retried
+        assert sorted(second.calls) == sorted(ids[2:])
+    assert sorted(done) == sorted(ids)
+
+
 KILLED_SEARCH = textwrap.dedent(
     """
     import os, signal, sys
