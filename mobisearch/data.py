@@ -325,7 +325,8 @@ def load_dataset(
 
 
 def cache_dir(name: str) -> Path:
-    """The user cache folder of a dataset: `$XDG_CACHE_HOME/mobisearch/<name>`.
+    """mobisearch's user cache folder `<name>` (a dataset, `jax`, `kernels`):
+    `$XDG_CACHE_HOME/mobisearch/<name>`.
 
     Falls back to `~/.cache/mobisearch/<name>` when `XDG_CACHE_HOME` is unset, empty or
     relative (as the XDG spec says). The folder may not exist yet.

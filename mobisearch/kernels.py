@@ -31,6 +31,8 @@ import threading
 import jax
 import numpy as np
 
+from mobisearch.data import cache_dir
+
 __all__ = [
     "KERNEL_DIR_ENV_VAR",
     "NATIVE_ENV_VAR",
@@ -84,12 +86,7 @@ def _compile_command(source: pathlib.Path, output: pathlib.Path) -> list[str]:
 
 def library_path() -> pathlib.Path:
     """Where the library for this source, compiler, jaxlib and CPU is (or will be) cached."""
-    folder = pathlib.Path(
-        os.environ.get(KERNEL_DIR_ENV_VAR)
-        or pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
-        / "mobisearch"
-        / "kernels"
-    ).expanduser()
+    folder = pathlib.Path(os.environ.get(KERNEL_DIR_ENV_VAR) or cache_dir("kernels")).expanduser()
     key = hashlib.sha256()
     key.update(SOURCE.read_bytes())
     key.update(" ".join(_compile_command(SOURCE, pathlib.Path("out"))).encode())

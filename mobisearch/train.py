@@ -35,7 +35,7 @@ import optax
 from flax import nnx
 
 from mobisearch.arch import ArchSpec
-from mobisearch.data import image_mean_std, normalize_images, resize_images
+from mobisearch.data import cache_dir, image_mean_std, normalize_images, resize_images
 from mobisearch.models import build_model, default_depthwise_impl, split_model
 
 if TYPE_CHECKING:
@@ -98,11 +98,7 @@ def enable_compilation_cache(
       The folder used.
     """
     if path is None:
-        path = os.environ.get(CACHE_ENV_VAR) or (
-            pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
-            / "mobisearch"
-            / "jax"
-        )
+        path = os.environ.get(CACHE_ENV_VAR) or cache_dir("jax")
     folder = pathlib.Path(path).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(folder))
