@@ -117,7 +117,9 @@ class Ranker:
 
     def __call__(self, arch: ArchSpec) -> dict[str, Any]:
         cfg = self.train_cfg
-        result = train_and_evaluate(arch, cfg, self.data, seed=cfg.seed, depthwise=self.depthwise)
+        result = train_and_evaluate(
+            arch, cfg, self.data, seed=cfg.seed, depthwise=self.depthwise, stats=self.stats
+        )
         metrics: dict[str, Any] = {
             "status": result.status,
             "reason": result.reason,

@@ -298,17 +298,6 @@ def prepare_images(x: np.ndarray, resolution: int, stats: tuple[Any, Any]) -> np
     return out
 
 
-def _train_stats(x: np.ndarray) -> tuple[Any, Any]:
-    """`image_mean_std(x)`, remembered for the last array it was computed for."""
-    last = _STATS.get("last")
-    if last is None or last[0] is not x:
-        _STATS["last"] = last = (x, image_mean_std(x))
-    return last[1]
-
-
-_STATS: dict[str, tuple[np.ndarray, tuple[Any, Any]]] = {}
-
-
 def evaluate(
     arch: ArchSpec,
     state: Any,
@@ -356,6 +345,7 @@ def train_and_evaluate(
     *,
     seed: int,
     depthwise: str | None = None,
+    stats: tuple[Any, Any] | None = None,
 ) -> TrainResult:
     """Train `arch` briefly with the recipe `cfg` and measure validation accuracy.
 
@@ -365,12 +355,15 @@ def train_and_evaluate(
       data: the dataset; only its train and validation splits are used.
       seed: initialisation and batch-order seed (`jax.random.key(seed)`-style, no global RNG).
       depthwise: depthwise-conv implementation (default: the backend's fastest).
+      stats: the training split's `image_mean_std`, if the caller has it (a search
+        computes it once for all candidates); computed here otherwise.
 
     Returns:
       A `TrainResult`; `status == "diverged"` when the loss became NaN or infinite.
     """
     depthwise = depthwise or default_depthwise_impl()
-    stats = _train_stats(data.x_train)
+    if stats is None:
+        stats = image_mean_std(data.x_train)
     x_train = prepare_images(data.x_train, arch.resolution, stats)
     x_val = prepare_images(data.x_val, arch.resolution, stats)
     train, compile_train_s = _cached_call(_compile_train, arch, cfg, depthwise, len(x_train))
