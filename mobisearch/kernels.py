@@ -67,10 +67,13 @@ def _cpu_id() -> str:
     return "\n".join(sorted(set(keep)))
 
 
+def _cxx() -> str:
+    return os.environ.get("CXX", "c++")
+
+
 def _compile_command(source: pathlib.Path, output: pathlib.Path) -> list[str]:
-    cxx = os.environ.get("CXX", "c++")
     return [
-        cxx,
+        _cxx(),
         "-O3",
         "-march=native",
         "-std=c++17",
@@ -97,7 +100,7 @@ def library_path() -> pathlib.Path:
 
 def _build(path: pathlib.Path) -> None:
     """Compile `SOURCE` to `path` atomically (a concurrent builder cannot leave half a file)."""
-    cxx = os.environ.get("CXX", "c++")
+    cxx = _cxx()
     if shutil.which(cxx) is None:
         raise RuntimeError(f"no C++ compiler: {cxx!r} is not on PATH (set $CXX)")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -73,12 +73,14 @@ int64_t NumChunks(ffi::ThreadPool& pool, int64_t n) {
   return std::max<int64_t>(1, std::min<int64_t>(n, pool.num_threads() + 1));
 }
 
-ffi::Error CheckShapes(const Geometry& g, ffi::Span<const int64_t> x_dims,
-                       ffi::Span<const int64_t> w_dims) {
+// Checked before MakeGeometry reads the dimensions.
+ffi::Error CheckShapes(ffi::Span<const int64_t> x_dims, ffi::Span<const int64_t> w_dims,
+                       ffi::Span<const int64_t> out_dims, int32_t stride) {
   if (x_dims.size() != 4) return ffi::Error::InvalidArgument("x must be NHWC (rank 4)");
   if (w_dims.size() != 3 || w_dims[0] != w_dims[1] || w_dims[2] != x_dims[3])
     return ffi::Error::InvalidArgument("kernel must be [k, k, C] with x's C");
-  if (g.stride < 1) return ffi::Error::InvalidArgument("stride must be >= 1");
+  if (out_dims.size() != 4) return ffi::Error::InvalidArgument("output must be rank 4");
+  if (stride < 1) return ffi::Error::InvalidArgument("stride must be >= 1");
   return ffi::Error::Success();
 }
 
@@ -148,9 +150,10 @@ ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
                             int32_t stride, int32_t lo_h, int32_t lo_w) {
   auto y_dims = y->dimensions();
+  if (auto err = CheckShapes(x.dimensions(), w.dimensions(), y_dims, stride); !err.success())
+    return err;
   Geometry g = MakeGeometry(x.dimensions(), w.dimensions(), y_dims[1], y_dims[2], stride,
                             lo_h, lo_w);
-  if (auto err = CheckShapes(g, x.dimensions(), w.dimensions()); !err.success()) return err;
   const float* xd = x.typed_data();
   const float* wd = w.typed_data();
   float* yd = y->typed_data();
@@ -166,9 +169,10 @@ ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
                              int32_t stride, int32_t lo_h, int32_t lo_w) {
   auto dy_dims = dy.dimensions();
+  if (auto err = CheckShapes(x.dimensions(), w.dimensions(), dy_dims, stride); !err.success())
+    return err;
   Geometry g = MakeGeometry(x.dimensions(), w.dimensions(), dy_dims[1], dy_dims[2], stride,
                             lo_h, lo_w);
-  if (auto err = CheckShapes(g, x.dimensions(), w.dimensions()); !err.success()) return err;
   const int64_t chunks = NumChunks(pool, g.n);
   const int64_t taps = g.k * g.k * g.c;
   std::vector<float> partial(static_cast<size_t>(chunks * taps));
