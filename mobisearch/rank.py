@@ -13,7 +13,6 @@ import math
 import pathlib
 from typing import TYPE_CHECKING, Any
 
-import jax
 import jax.numpy as jnp
 from flax import nnx, serialization
 
@@ -21,7 +20,13 @@ from mobisearch.arch import ArchSpec
 from mobisearch.data import image_mean_std
 from mobisearch.latency import device_fingerprint, measure_latency
 from mobisearch.models import default_depthwise_impl
-from mobisearch.train import evaluate, fresh_split, train_and_evaluate
+from mobisearch.train import (
+    compiled_forward,
+    evaluate,
+    fresh_split,
+    precompile_forward,
+    train_and_evaluate,
+)
 
 if TYPE_CHECKING:
     from mobisearch.data import Dataset
@@ -38,13 +43,8 @@ def model_latency(
     depthwise: str | None = None,
 ) -> dict[str, Any]:
     """Median and spread of one eval-mode forward pass of a trained model, in ms."""
-    graphdef, _, _ = fresh_split(arch, depthwise, training=False)
+    forward = compiled_forward(arch, depthwise, batch=batch_size)
     params, rest = state
-
-    @jax.jit
-    def forward(params: Any, rest: Any, x: jax.Array) -> jax.Array:
-        return nnx.merge(graphdef, params, rest)(x)
-
     x = jnp.zeros((batch_size, arch.resolution, arch.resolution, arch.in_ch), jnp.float32)
     lat = measure_latency(
         forward, params, rest, x, warmup=warmup, iters=iters, batch_size=batch_size
@@ -117,6 +117,9 @@ class Ranker:
 
     def __call__(self, arch: ArchSpec) -> dict[str, Any]:
         cfg = self.train_cfg
+        # Compiles in the background while train_and_evaluate prepares the images and
+        # compiles its train step; it waits for it before training.
+        precompile_forward(arch, self.depthwise, batch=self.latency_batch)
         result = train_and_evaluate(
             arch, cfg, self.data, seed=cfg.seed, depthwise=self.depthwise, stats=self.stats
         )

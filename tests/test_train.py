@@ -90,6 +90,32 @@ def test_evaluate_matches_a_direct_count(data) -> None:  # type: ignore[no-untyp
     assert acc == pytest.approx(direct, abs=1e-9)
 
 
+def test_compiled_forward_is_the_eval_mode_model(data) -> None:  # type: ignore[no-untyped-def]
+    """The background-compiled forward (what latency is measured on) computes what the
+    trained model computes in eval mode, and is compiled once per batch size."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mobisearch.models import build_model
+
+    arch = small_arch(0.5, resolution=12)
+    result = train.train_and_evaluate(arch, CFG, data, seed=0)
+    job = train.precompile_forward(arch, batch=8)
+    forward = train.compiled_forward(arch, batch=8)
+    assert job.result() is forward  # the same cached executable, not a second compile
+    model = build_model(arch, rngs=nnx.Rngs(0))
+    model.eval()
+    graphdef, _, _ = nnx.split(model, nnx.Param, ...)
+    x = jnp.asarray(train.prepare_images(data.x_val[:8], 12, image_mean_std(data.x_train)))
+    expected = nnx.merge(graphdef, *result.state)(x)
+    np.testing.assert_allclose(forward(*result.state, x), expected, rtol=1e-5, atol=1e-5)
+    # Eval mode: the output does not depend on the rest of the batch.
+    np.testing.assert_allclose(
+        forward(*result.state, jnp.concatenate([x[:4], x[:4]]))[:4], expected[:4], atol=1e-5
+    )
+    assert train.compiled_forward(arch, batch=4) is not forward
+
+
 def test_checkpoint_round_trip(tmp_path, data) -> None:  # type: ignore[no-untyped-def]
     from mobisearch.rank import load_state, save_state
 
