@@ -160,8 +160,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"study {name!r} in {storage}")
 
     from mobisearch.rank import Ranker
-    from mobisearch.train import enable_compilation_cache
+    from mobisearch.train import enable_compilation_cache, inline_cpu_dispatch
 
+    inline_cpu_dispatch()  # before the first JAX computation
     if not args.no_compile_cache:
         print(f"compilation cache: {enable_compilation_cache(args.compile_cache)}")
 
@@ -318,7 +319,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = _load_data(space, args.data_dir)
     assert space.train is not None
     from mobisearch.data import image_mean_std
-    from mobisearch.train import evaluate, train_and_evaluate
+    from mobisearch.train import evaluate, inline_cpu_dispatch, train_and_evaluate
+
+    inline_cpu_dispatch()  # before the first JAX computation
 
     steps = max(1, args.epochs * len(data.x_train) // space.train.batch_size)
     cfg = dataclasses.replace(space.train, steps=steps, warmup_steps=min(steps // 20, 500))

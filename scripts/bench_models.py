@@ -85,7 +85,7 @@ from mobisearch.latency import device_fingerprint
 from mobisearch.models import build_model, default_depthwise_impl, split_model
 from mobisearch.presets import mobilenet_v1, mobilenet_v1_small
 from mobisearch.space import TrainConfig
-from mobisearch.train import _compile_train
+from mobisearch.train import _compile_train, inline_cpu_dispatch, keep_freed_memory
 
 try:
     import torch
@@ -165,6 +165,7 @@ def configure_threads(n: int) -> dict[str, Any]:
         if not any(f.split("=")[0] == flag.split("=")[0] for f in flags):
             flags.append(flag)
     os.environ["XLA_FLAGS"] = " ".join(flags)
+    inline_cpu_dispatch()  # as the search runs (mobisearch.train)
     torch.set_num_threads(n)
     try:
         torch.set_num_interop_threads(n)
@@ -175,6 +176,7 @@ def configure_threads(n: int) -> dict[str, Any]:
         "threads": n,
         "cpu_affinity": f"{len(cpus)} cpus ({_ranges(cpus)})" if cpus else "",
         "xla_flags": os.environ["XLA_FLAGS"],
+        "jax_cpu_async_dispatch": jax.config.read("jax_cpu_enable_async_dispatch"),
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
     }
@@ -693,7 +695,9 @@ def main(argv: list[str] | None = None) -> int:
             # Cold compiles on both sides: no persistent JAX cache, an empty inductor cache.
             jax.config.update("jax_enable_compilation_cache", False)
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_dir
-        rows, header = _run(args, cases, command, settings)
+        # glibc keeps freed memory for reuse, for every framework (as the search trains).
+        with keep_freed_memory():
+            rows, header = _run(args, cases, command, settings)
     header.append(f"wall time {time.perf_counter() - start:.0f} s")
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -737,7 +741,9 @@ def _run(
         f"threads: {args.threads} for every framework | CPU affinity"
         f" {settings['cpu_affinity']} | XLA_FLAGS `{settings['xla_flags']}` |"
         f" torch.get_num_threads() {settings['torch_threads']}"
-        f" (interop {settings['torch_interop_threads']})",
+        f" (interop {settings['torch_interop_threads']}) | JAX CPU async dispatch"
+        f" {settings['jax_cpu_async_dispatch']} | glibc keeps freed memory for every framework"
+        " (`mobisearch.train.keep_freed_memory`)",
         f"jax {jax.__version__} (backend {backend}: {device.device_kind}) | flax"
         f" {versions['flax_version']} | torch {torch.__version__} | keras"
         f" {versions['keras_version']} | python {platform.python_version()}",
