@@ -194,7 +194,9 @@ def device_fingerprint(batch_size: int) -> dict[str, Any]:
         A JSON-serialisable dict with keys ``backend`` (``jax.default_backend()``),
         ``device_kind`` (of ``jax.devices()[0]``), ``device_count``, ``jax_version``,
         ``jaxlib_version``, ``python_version``, ``platform`` (``platform.platform()``),
-        ``processor`` (CPU model name), ``cpu_count`` and ``batch_size``.
+        ``processor`` (CPU model name), ``cpu_count``, ``batch_size`` and
+        ``cpu_async_dispatch`` (whether JAX dispatches CPU computations to a worker thread,
+        `jax_cpu_enable_async_dispatch`; inline dispatch makes small calls faster).
 
     Raises:
         ValueError: If `batch_size` is not a positive integer.
@@ -220,6 +222,7 @@ def device_fingerprint(batch_size: int) -> dict[str, Any]:
         "processor": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "batch_size": batch_size,
+        "cpu_async_dispatch": bool(jax.config.read("jax_cpu_enable_async_dispatch")),
     }
 
 

@@ -165,11 +165,13 @@ def test_device_fingerprint_keys() -> None:
         "processor",
         "cpu_count",
         "batch_size",
+        "cpu_async_dispatch",
     }
     assert fp["backend"] == jax.default_backend() == "cpu"  # conftest pins the CPU
     assert fp["device_kind"] == jax.devices()[0].device_kind
     assert fp["jax_version"] == jax.__version__
     assert fp["batch_size"] == 8
+    assert fp["cpu_async_dispatch"] is jax.config.read("jax_cpu_enable_async_dispatch")
     assert json.loads(json.dumps(fp)) == fp
     with pytest.raises(ValueError, match="batch_size"):
         device_fingerprint(batch_size=0)
