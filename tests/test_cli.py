@@ -226,6 +226,10 @@ def test_interrupted_search_resumes_without_retraining(tmp_path, sig) -> None:  
         "--out-dir",
         str(tmp_path),
         "--quiet",
+        # 2-4 s of training per candidate, so the search is still running when the first
+        # candidate's result appears (20 steps took well under a second once compiled).
+        "--set",
+        "train.steps=400",
     ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen(
