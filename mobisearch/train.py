@@ -354,16 +354,9 @@ def _compile_eval(arch: ArchSpec, depthwise: str, batch: int) -> _CompiledEval:
     return _CompiledEval(step, batch, time.perf_counter() - t0)
 
 
-@dataclasses.dataclass(frozen=True)
-class _CompiledForward:
-    step: Any
-    compile_s: float
-
-
 @functools.lru_cache(maxsize=32)
-def _compile_forward(arch: ArchSpec, depthwise: str, batch: int) -> _CompiledForward:
+def _compile_forward(arch: ArchSpec, depthwise: str, batch: int) -> Any:
     """Trace and compile the eval-mode forward pass `(params, rest, x) -> logits`, once."""
-    t0 = time.perf_counter()
     graphs = _graphs(arch, depthwise)
     graphdef = graphs.eval
 
@@ -371,12 +364,11 @@ def _compile_forward(arch: ArchSpec, depthwise: str, batch: int) -> _CompiledFor
         return nnx.merge(graphdef, params, rest)(x)
 
     r, c = arch.resolution, arch.in_ch
-    step = (
+    return (
         jax.jit(forward)
         .lower(graphs.params, graphs.rest, jax.ShapeDtypeStruct((batch, r, r, c), jnp.float32))
         .compile()
     )
-    return _CompiledForward(step, time.perf_counter() - t0)
 
 
 # NOTE: XLA releases the GIL while it compiles, and most of a compile is single-threaded, so
@@ -398,7 +390,7 @@ def precompile_forward(
     the compile overlaps the train step's and not the training.
     """
     depthwise = depthwise or default_depthwise_impl()
-    return _COMPILE_POOL.submit(lambda: _compile_forward(arch, depthwise, batch).step)
+    return _COMPILE_POOL.submit(_compile_forward, arch, depthwise, batch)
 
 
 def compiled_forward(arch: ArchSpec, depthwise: str | None = None, *, batch: int) -> Any:
