@@ -1,10 +1,12 @@
-"""Native CPU kernels for XLA, built on first use: the depthwise convolution.
+"""Native CPU kernels for XLA, built on first use: depthwise convolution and BatchNorm.
 
 XLA:CPU has no fast depthwise convolution (see `mobisearch.models.DEPTHWISE_IMPLS`), so
-`csrc/depthwise.cc` implements its forward and backward pass as two XLA FFI handlers. The
-first call of `available()` compiles it with the system C++ compiler against the FFI headers
-that ship with jaxlib (`jax.ffi.include_dir()`), caches the shared library, loads it and
-registers the handlers for the `cpu` platform. Nothing is downloaded.
+`csrc/depthwise.cc` implements its forward and backward pass as two XLA FFI handlers.
+`csrc/batchnorm.cc` does the same for training-mode BatchNorm with its ReLU, which XLA
+otherwise compiles as a dozen separate fusions per layer. The first call of `available()`
+compiles them with the system C++ compiler against the FFI headers that ship with jaxlib
+(`jax.ffi.include_dir()`), caches the shared library, loads it and registers the handlers
+for the `cpu` platform. Nothing is downloaded.
 
 The library is cached under `$MOBISEARCH_KERNEL_DIR` (default
 `$XDG_CACHE_HOME/mobisearch/kernels`, i.e. `~/.cache/mobisearch/kernels`), in a folder named
@@ -36,16 +38,21 @@ from mobisearch.data import cache_dir
 __all__ = [
     "KERNEL_DIR_ENV_VAR",
     "NATIVE_ENV_VAR",
-    "SOURCE",
+    "HEADERS",
+    "SOURCES",
     "available",
+    "batch_norm_backward",
+    "batch_norm_forward",
     "depthwise_backward",
     "depthwise_forward",
     "library_path",
     "unavailable_reason",
 ]
 
-#: The C++ source of the depthwise handlers.
-SOURCE = pathlib.Path(__file__).parent / "csrc" / "depthwise.cc"
+_CSRC = pathlib.Path(__file__).parent / "csrc"
+#: The C++ sources compiled into the library, and the header they share.
+SOURCES = (_CSRC / "depthwise.cc", _CSRC / "batchnorm.cc")
+HEADERS = (_CSRC / "parallel.h",)
 #: Folder for built libraries (default `~/.cache/mobisearch/kernels`).
 KERNEL_DIR_ENV_VAR = "MOBISEARCH_KERNEL_DIR"
 #: `MOBISEARCH_NATIVE=0` turns the native kernels off.
@@ -53,6 +60,8 @@ NATIVE_ENV_VAR = "MOBISEARCH_NATIVE"
 
 _FWD_TARGET = "mobisearch_depthwise_fwd"
 _BWD_TARGET = "mobisearch_depthwise_bwd"
+_BN_FWD_TARGET = "mobisearch_batch_norm_fwd"
+_BN_BWD_TARGET = "mobisearch_batch_norm_bwd"
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
@@ -71,7 +80,7 @@ def _cxx() -> str:
     return os.environ.get("CXX", "c++")
 
 
-def _compile_command(source: pathlib.Path, output: pathlib.Path) -> list[str]:
+def _compile_command(sources: tuple[pathlib.Path, ...], output: pathlib.Path) -> list[str]:
     return [
         _cxx(),
         "-O3",
@@ -81,25 +90,27 @@ def _compile_command(source: pathlib.Path, output: pathlib.Path) -> list[str]:
         "-fPIC",
         "-w",
         f"-I{jax.ffi.include_dir()}",
-        str(source),
+        *map(str, sources),
         "-o",
         str(output),
     ]
 
 
 def library_path() -> pathlib.Path:
-    """Where the library for this source, compiler, jaxlib and CPU is (or will be) cached."""
+    """Where the library for these sources, compiler, jaxlib and CPU is (or will be) cached."""
     folder = pathlib.Path(os.environ.get(KERNEL_DIR_ENV_VAR) or cache_dir("kernels")).expanduser()
     key = hashlib.sha256()
-    key.update(SOURCE.read_bytes())
-    key.update(" ".join(_compile_command(SOURCE, pathlib.Path("out"))).encode())
+    for path in (*SOURCES, *HEADERS):
+        key.update(path.read_bytes())
+    names = tuple(pathlib.Path(p.name) for p in SOURCES)
+    key.update(" ".join(_compile_command(names, pathlib.Path("out"))).encode())
     key.update(importlib.metadata.version("jaxlib").encode())
     key.update(_cpu_id().encode())
     return folder / key.hexdigest()[:16] / "libmobisearch_depthwise.so"
 
 
 def _build(path: pathlib.Path) -> None:
-    """Compile `SOURCE` to `path` atomically (a concurrent builder cannot leave half a file)."""
+    """Compile `SOURCES` to `path` atomically (a concurrent builder cannot leave half a file)."""
     cxx = _cxx()
     if shutil.which(cxx) is None:
         raise RuntimeError(f"no C++ compiler: {cxx!r} is not on PATH (set $CXX)")
@@ -108,7 +119,7 @@ def _build(path: pathlib.Path) -> None:
     os.close(fd)
     try:
         done = subprocess.run(
-            _compile_command(SOURCE, pathlib.Path(tmp)),
+            _compile_command(SOURCES, pathlib.Path(tmp)),
             capture_output=True,
             text=True,
             check=False,
@@ -116,7 +127,7 @@ def _build(path: pathlib.Path) -> None:
         )
         if done.returncode != 0:
             raise RuntimeError(
-                f"building {SOURCE.name} failed (exit {done.returncode}): "
+                f"building {', '.join(p.name for p in SOURCES)} failed (exit {done.returncode}): "
                 f"{done.stderr.strip()[-2000:]}"
             )
         os.replace(tmp, path)
@@ -132,12 +143,13 @@ def _load() -> None:
     if not path.exists():
         _build(path)
     lib = ctypes.CDLL(str(path))
-    jax.ffi.register_ffi_target(
-        _FWD_TARGET, jax.ffi.pycapsule(lib.MobisearchDepthwiseForward), platform="cpu"
-    )
-    jax.ffi.register_ffi_target(
-        _BWD_TARGET, jax.ffi.pycapsule(lib.MobisearchDepthwiseBackward), platform="cpu"
-    )
+    for target, symbol in (
+        (_FWD_TARGET, lib.MobisearchDepthwiseForward),
+        (_BWD_TARGET, lib.MobisearchDepthwiseBackward),
+        (_BN_FWD_TARGET, lib.MobisearchBatchNormForward),
+        (_BN_BWD_TARGET, lib.MobisearchBatchNormBackward),
+    ):
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     _STATE["lib"] = lib  # keep the library loaded
 
 
@@ -212,3 +224,60 @@ def depthwise_backward(
     )
     dx, dk = call(x, kernel.reshape(k, k, c), g, **_attrs(stride, pads))
     return dx, dk.reshape(kernel.shape)
+
+
+def _bn_attrs(epsilon: float, relu: bool) -> dict[str, np.float32 | np.int32]:
+    return {"epsilon": np.float32(epsilon), "relu": np.int32(relu)}
+
+
+def batch_norm_forward(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsilon: float, relu: bool
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode BatchNorm of float32 `x` (channels last) with batch statistics, natively.
+
+    `y = act((x - mean) / sqrt(var + epsilon) · scale + bias)`, `act` ReLU if `relu` else
+    identity, with `mean` and (biased) `var` over every axis but the last, `var` computed as
+    `E[x²] - E[x]²` (in double) and clipped at 0. Not differentiable by itself:
+    `mobisearch.models.BatchNorm` pairs it with `batch_norm_backward`. Call `available()`
+    first.
+
+    Returns:
+      `(y, mean, var)`: `y` shaped like `x`; `mean` and `var` shaped like `scale`, `[C]`.
+    """
+    stat = jax.ShapeDtypeStruct(scale.shape, x.dtype)
+    call = jax.ffi.ffi_call(_BN_FWD_TARGET, (jax.ShapeDtypeStruct(x.shape, x.dtype), stat, stat))
+    y, mean, var = call(x, scale, bias, **_bn_attrs(epsilon, relu))
+    return y, mean, var
+
+
+def batch_norm_backward(
+    x: jax.Array,
+    y: jax.Array,
+    scale: jax.Array,
+    mean: jax.Array,
+    var: jax.Array,
+    g: jax.Array,
+    *,
+    epsilon: float,
+    relu: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Gradients of `batch_norm_forward`'s `y` for the cotangent `g` (the batch statistics
+    count as outputs without a gradient).
+
+    Args:
+      x, scale: the forward's inputs; `y`, `mean`, `var`: its outputs.
+      g: the cotangent of `y`.
+
+    Returns:
+      `(dx, dscale, dbias)`, shaped like `x`, `scale` and `scale`.
+    """
+    call = jax.ffi.ffi_call(
+        _BN_BWD_TARGET,
+        (
+            jax.ShapeDtypeStruct(x.shape, x.dtype),
+            jax.ShapeDtypeStruct(scale.shape, x.dtype),
+            jax.ShapeDtypeStruct(scale.shape, x.dtype),
+        ),
+    )
+    dx, dscale, dbias = call(x, y, scale, mean, var, g, **_bn_attrs(epsilon, relu))
+    return dx, dscale, dbias

@@ -72,14 +72,19 @@ def test_turned_off_by_the_environment(tmp_path: pathlib.Path) -> None:
     assert f"{kernels.NATIVE_ENV_VAR}=0" in reason
 
 
-def test_library_path_changes_with_the_source(
-    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("which", ["depthwise.cc", "batchnorm.cc", "parallel.h"])
+def test_library_path_changes_with_the_sources(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, which: str
 ) -> None:
     monkeypatch.setenv(kernels.KERNEL_DIR_ENV_VAR, str(tmp_path))
     before = kernels.library_path()
-    edited = tmp_path / "depthwise.cc"
-    edited.write_text(kernels.SOURCE.read_text() + "\n// edited\n")
-    monkeypatch.setattr(kernels, "SOURCE", edited)
+    for attr in ("SOURCES", "HEADERS"):
+        paths = list(getattr(kernels, attr))
+        for i, path in enumerate(paths):
+            if path.name == which:
+                paths[i] = tmp_path / which
+                paths[i].write_text(path.read_text() + "\n// edited\n")
+        monkeypatch.setattr(kernels, attr, tuple(paths))
     assert kernels.library_path() != before
     assert kernels.library_path().parent.parent == before.parent.parent == tmp_path
 
@@ -119,3 +124,55 @@ def test_forward_and_backward_match_grouped(b: int, hw: int, c: int, k: int, str
     # The kernel gradient is summed over fixed batch chunks in a fixed order: bitwise stable.
     dx2, dk2 = backward(x, kernel, g)
     assert jnp.array_equal(dk, dk2) and jnp.array_equal(dx, dx2)
+
+
+def _flax_batch_norm(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, g: jax.Array, relu: bool
+) -> tuple[jax.Array, ...]:
+    """`nnx.BatchNorm` in training mode (then ReLU): its output, the batch statistics (in
+    float64) and the gradients of `<y, g>` with respect to x, scale and bias."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(nnx.BatchNorm(x.shape[-1], epsilon=1e-5, rngs=nnx.Rngs(0)))
+
+    def f(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+        bn = nnx.merge(graphdef, state, copy=True)
+        bn.scale[...], bn.bias[...] = scale, bias
+        y = bn(x)
+        return jax.nn.relu(y) if relu else y
+
+    y, vjp = jax.vjp(f, x, scale, bias)
+    x64 = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+    return (y, x64.mean(0), x64.var(0), *vjp(g))
+
+
+@needs_native
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
+@pytest.mark.parametrize("shape", [(5, 9, 9, 17), (3, 8, 8, 40), (2, 3, 3, 100), (7, 1, 1, 16)])
+def test_batch_norm_matches_flax(shape: tuple[int, ...], relu: bool) -> None:
+    """Row counts that do not split evenly over the threads or the vector strides; channel
+    counts below, above and not a multiple of the stride width."""
+    kx, ks, kb, kg = jax.random.split(jax.random.key(sum(shape)), 4)
+    c = shape[-1]
+    x = 3.0 + 2.0 * jax.random.normal(kx, shape)  # off-centre, so the mean matters
+    scale = 1.0 + 0.5 * jax.random.normal(ks, (c,))
+    bias = 0.5 * jax.random.normal(kb, (c,))
+    g = jax.random.normal(kg, shape)
+    forward = jax.jit(lambda x, s, b: kernels.batch_norm_forward(x, s, b, epsilon=1e-5, relu=relu))
+    backward = jax.jit(
+        lambda x, y, s, m, v, g: kernels.batch_norm_backward(
+            x, y, s, m, v, g, epsilon=1e-5, relu=relu
+        )
+    )
+    y, mean, var = forward(x, scale, bias)
+    dx, dscale, dbias = backward(x, y, scale, mean, var, g)
+    want = _flax_batch_norm(x, scale, bias, g, relu)
+    names = ("y", "mean", "var", "dx", "dscale", "dbias")
+    for name, got, ref in zip(names, (y, mean, var, dx, dscale, dbias), want, strict=True):
+        assert got.shape == ref.shape, name
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4, err_msg=name)
+    if relu:
+        assert float(jnp.min(y)) == 0.0
+    # Sums are added per chunk in a fixed order: bitwise stable.
+    again = backward(x, y, scale, mean, var, g)
+    assert all(jnp.array_equal(a, b) for a, b in zip((dx, dscale, dbias), again, strict=True))

@@ -1,0 +1,62 @@
+// Work splitting shared by the native kernels: ParallelFor runs chunks of a loop on the
+// caller and XLA's intra-op thread pool (the FFI `ThreadPool` context).
+
+#ifndef MOBISEARCH_PARALLEL_H_
+#define MOBISEARCH_PARALLEL_H_
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace mobisearch {
+
+namespace ffi = xla::ffi;
+
+// Runs body(chunk) for chunk in [0, chunks) on the caller and the thread pool, and returns
+// when all have finished. Tasks that start after every chunk was taken do nothing; the
+// shared state outlives the call for them.
+template <typename Body>
+void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, Body body) {
+  if (chunks <= 1) {
+    if (chunks == 1) body(0);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    int64_t done = 0;
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  // `body` is only touched while a chunk is unfinished, and the caller waits for all.
+  auto run = [state, chunks, body_ptr = &body]() {
+    int64_t finished = 0;
+    for (int64_t i; (i = state->next.fetch_add(1)) < chunks;) {
+      (*body_ptr)(i);
+      ++finished;
+    }
+    if (finished) {
+      std::lock_guard<std::mutex> lock(state->mu);
+      state->done += finished;
+      if (state->done == chunks) state->cv.notify_all();
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks - 1);
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(run)(run));
+  run();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done == chunks; });
+}
+
+inline int64_t NumChunks(ffi::ThreadPool& pool, int64_t n) {
+  return std::max<int64_t>(1, std::min<int64_t>(n, pool.num_threads() + 1));
+}
+
+}  // namespace mobisearch
+
+#endif  // MOBISEARCH_PARALLEL_H_
