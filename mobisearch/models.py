@@ -86,7 +86,8 @@ Array = jax.Array
 #:   differentiation the forward and the backward pass (input and kernel gradients in one
 #:   sweep) are native; a forward that is not differentiated (inference) is `"shift"`,
 #:   which XLA fuses with the BatchNorm and ReLU around it. Elsewhere (GPU, other dtypes)
-#:   it is `"shift"`.
+#:   it is `"shift"`. A model built with `"native"` also runs its training-mode
+#:   BatchNorm+ReLU natively (`BatchNorm`).
 DEPTHWISE_IMPLS: tuple[str, ...] = ("grouped", "shift", "shift_vjp", "patches", "native")
 
 #: Environment variable that overrides `default_depthwise_impl` (e.g. `=grouped`).
