@@ -33,21 +33,19 @@ struct Geometry {
   int64_t n, h, w, c, k, oh, ow, stride, lo_h, lo_w;
 };
 
-// Checked before MakeGeometry reads the dimensions.
-ffi::Error CheckShapes(ffi::Span<const int64_t> x_dims, ffi::Span<const int64_t> w_dims,
-                       ffi::Span<const int64_t> out_dims, int32_t stride) {
+// Checks the shapes, then reads the geometry into *g (out_dims: y's, or dy's in the
+// backward pass).
+ffi::Error ReadGeometry(ffi::Span<const int64_t> x_dims, ffi::Span<const int64_t> w_dims,
+                        ffi::Span<const int64_t> out_dims, int32_t stride, int32_t lo_h,
+                        int32_t lo_w, Geometry* g) {
   if (x_dims.size() != 4) return ffi::Error::InvalidArgument("x must be NHWC (rank 4)");
   if (w_dims.size() != 3 || w_dims[0] != w_dims[1] || w_dims[2] != x_dims[3])
     return ffi::Error::InvalidArgument("kernel must be [k, k, C] with x's C");
   if (out_dims.size() != 4) return ffi::Error::InvalidArgument("output must be rank 4");
   if (stride < 1) return ffi::Error::InvalidArgument("stride must be >= 1");
+  *g = Geometry{x_dims[0],   x_dims[1], x_dims[2], x_dims[3], w_dims[0],
+                out_dims[1], out_dims[2], stride,  lo_h,      lo_w};
   return ffi::Error::Success();
-}
-
-Geometry MakeGeometry(ffi::Span<const int64_t> x_dims, ffi::Span<const int64_t> w_dims,
-                      int64_t oh, int64_t ow, int32_t stride, int32_t lo_h, int32_t lo_w) {
-  return Geometry{x_dims[0], x_dims[1], x_dims[2], x_dims[3], w_dims[0], oh, ow,
-                  stride,    lo_h,      lo_w};
 }
 
 void ForwardChunk(const Geometry& g, const float* __restrict x, const float* __restrict w,
@@ -109,11 +107,11 @@ void BackwardChunk(const Geometry& g, const float* __restrict x, const float* __
 ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
                             int32_t stride, int32_t lo_h, int32_t lo_w) {
-  auto y_dims = y->dimensions();
-  if (auto err = CheckShapes(x.dimensions(), w.dimensions(), y_dims, stride); !err.success())
+  Geometry g;
+  if (auto err = ReadGeometry(x.dimensions(), w.dimensions(), y->dimensions(), stride, lo_h,
+                              lo_w, &g);
+      !err.success())
     return err;
-  Geometry g = MakeGeometry(x.dimensions(), w.dimensions(), y_dims[1], y_dims[2], stride,
-                            lo_h, lo_w);
   const float* xd = x.typed_data();
   const float* wd = w.typed_data();
   float* yd = y->typed_data();
@@ -128,11 +126,11 @@ ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> dy,
                              ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
                              int32_t stride, int32_t lo_h, int32_t lo_w) {
-  auto dy_dims = dy.dimensions();
-  if (auto err = CheckShapes(x.dimensions(), w.dimensions(), dy_dims, stride); !err.success())
+  Geometry g;
+  if (auto err = ReadGeometry(x.dimensions(), w.dimensions(), dy.dimensions(), stride, lo_h,
+                              lo_w, &g);
+      !err.success())
     return err;
-  Geometry g = MakeGeometry(x.dimensions(), w.dimensions(), dy_dims[1], dy_dims[2], stride,
-                            lo_h, lo_w);
   const int64_t chunks = NumChunks(pool, g.n);
   const int64_t taps = g.k * g.k * g.c;
   std::vector<float> partial(static_cast<size_t>(chunks * taps));
