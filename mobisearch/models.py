@@ -270,13 +270,18 @@ def _native_bwd(stride: int, res: tuple[Array, Array], g: Array) -> tuple[Array,
 _native_cvjp.defvjp(_native_fwd, _native_bwd)
 
 
+def _native_handles(*arrays: Array) -> bool:
+    """Whether the native FFI handlers apply: they are CPU-only and float32-only."""
+    return jax.default_backend() == "cpu" and all(a.dtype == jnp.float32 for a in arrays)
+
+
 def _native(x: Array, kernel: Array, stride: int) -> Array:
     if not kernels.available():
         raise RuntimeError(
             f"depthwise impl 'native' is unavailable: {kernels.unavailable_reason()}"
         )
-    if jax.default_backend() != "cpu" or x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
-        return _shift(x, kernel, stride)  # the FFI handlers are float32 and CPU only
+    if not _native_handles(x, kernel):
+        return _shift(x, kernel, stride)
     return _native_cvjp(x, kernel, stride)
 
 
@@ -434,8 +439,7 @@ class BatchNorm(nnx.BatchNorm):
         if (
             self.native
             and not self.use_running_average
-            and x.dtype == jnp.float32
-            and jax.default_backend() == "cpu"
+            and _native_handles(x)
             and kernels.available()
         ):
             assert self.scale is not None and self.bias is not None  # use_scale, use_bias
