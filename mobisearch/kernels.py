@@ -10,7 +10,7 @@ for the `cpu` platform. Nothing is downloaded.
 
 The library is cached under `$MOBISEARCH_KERNEL_DIR` (default
 `$XDG_CACHE_HOME/mobisearch/kernels`, i.e. `~/.cache/mobisearch/kernels`), in a folder named
-by a hash of the source, the compiler command, jaxlib's version and this CPU's model and
+by a hash of the sources, the compiler command, jaxlib's version and this CPU's model and
 flags (it is built with `-march=native`), so a stale or foreign build is never loaded.
 
 Without a C++ compiler (`$CXX`, else `c++`) or with `MOBISEARCH_NATIVE=0`, `available()` is
@@ -106,7 +106,7 @@ def library_path() -> pathlib.Path:
     key.update(" ".join(_compile_command(names, pathlib.Path("out"))).encode())
     key.update(importlib.metadata.version("jaxlib").encode())
     key.update(_cpu_id().encode())
-    return folder / key.hexdigest()[:16] / "libmobisearch_depthwise.so"
+    return folder / key.hexdigest()[:16] / "libmobisearch_kernels.so"
 
 
 def _build(path: pathlib.Path) -> None:

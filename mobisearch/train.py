@@ -371,11 +371,13 @@ def _compile_forward(arch: ArchSpec, depthwise: str, batch: int) -> Any:
     )
 
 
-# NOTE: XLA releases the GIL while it compiles, and most of a compile is single-threaded, so
-# a candidate's eval-mode programs compile on this one background thread while the calling
-# thread compiles its train step (2-core Xeon, jax 0.10.2: train+eval compile 5.2-5.7 s ->
-# 4.2-4.5 s). Forward passes compile only here: one thread, so a program asked for while it
-# is compiling waits for that compile instead of starting a second one.
+# NOTE: XLA releases the GIL while it compiles, so a candidate's eval-mode programs compile
+# on this one background thread while the calling thread compiles its train step (2-core
+# Xeon, jax 0.10.2: train+eval compile 5.2-5.7 s -> 4.2-4.5 s with flax's BatchNorm; since
+# the native BatchNorm halved the train step's compile, within noise: 4.1-5.2 s one after
+# the other vs 4.0-5.1 s side by side, train+eval+latency forward). Forward passes compile
+# only here: one thread, so a program asked for while it is compiling waits for that compile
+# instead of starting a second one.
 _COMPILE_POOL = concurrent.futures.ThreadPoolExecutor(
     max_workers=1, thread_name_prefix="mobisearch-compile"
 )
