@@ -59,6 +59,7 @@ KERNEL_DIR_ENV_VAR = "MOBISEARCH_KERNEL_DIR"
 NATIVE_ENV_VAR = "MOBISEARCH_NATIVE"
 
 _FWD_TARGET = "mobisearch_depthwise_fwd"
+_FWD_AFFINE_TARGET = "mobisearch_depthwise_fwd_affine"
 _BWD_TARGET = "mobisearch_depthwise_bwd"
 _BN_FWD_TARGET = "mobisearch_batch_norm_fwd"
 _BN_BWD_TARGET = "mobisearch_batch_norm_bwd"
@@ -145,6 +146,7 @@ def _load() -> None:
     lib = ctypes.CDLL(str(path))
     for target, symbol in (
         (_FWD_TARGET, lib.MobisearchDepthwiseForward),
+        (_FWD_AFFINE_TARGET, lib.MobisearchDepthwiseForwardAffine),
         (_BWD_TARGET, lib.MobisearchDepthwiseBackward),
         (_BN_FWD_TARGET, lib.MobisearchBatchNormForward),
         (_BN_BWD_TARGET, lib.MobisearchBatchNormBackward),
@@ -182,12 +184,16 @@ def depthwise_forward(
     stride: int,
     pads: tuple[int, int],
     out_hw: tuple[int, int],
+    scale: jax.Array | None = None,
+    shift: jax.Array | None = None,
+    relu: bool = False,
 ) -> jax.Array:
     """Depthwise convolution of float32 NHWC `x` with a `(k, k, 1, C)` kernel, natively.
 
     `y[b, o, p, c] = Σ_ij x[b, o·s + i - lo_h, p·s + j - lo_w, c] · kernel[i, j, 0, c]`,
-    taps outside `x` counting as zero. Not differentiable by itself:
-    `mobisearch.models.depthwise_conv(..., impl="native")` pairs it with
+    taps outside `x` counting as zero. With `scale` and `shift`, each output is then
+    `y · scale[c] + shift[c]` (an inference-mode BatchNorm), and `max(·, 0)` if `relu`, in
+    the same pass. Not differentiable by itself: `mobisearch.models` pairs it with
     `depthwise_backward` in a `jax.custom_vjp`. Call `available()` first.
 
     Args:
@@ -196,14 +202,29 @@ def depthwise_forward(
       stride: the stride of both spatial axes.
       pads: `(lo_h, lo_w)`, zero padding before the first row and column.
       out_hw: `(out_h, out_w)`, the output size.
+      scale, shift: `[C]` float32 each, or both None (then `relu` must be False).
+      relu: apply ReLU after the affine.
 
     Returns:
       `y`, `[b, out_h, out_w, C]`.
+
+    Raises:
+      ValueError: if only one of `scale` and `shift` is given, or `relu` without them.
     """
     b, _, _, c = x.shape
     k = kernel.shape[0]
-    call = jax.ffi.ffi_call(_FWD_TARGET, jax.ShapeDtypeStruct((b, *out_hw, c), x.dtype))
-    return call(x, kernel.reshape(k, k, c), **_attrs(stride, pads))
+    out = jax.ShapeDtypeStruct((b, *out_hw, c), x.dtype)
+    if scale is None and shift is None:
+        if relu:
+            raise ValueError("depthwise_forward: `relu` needs `scale` and `shift`")
+        return jax.ffi.ffi_call(_FWD_TARGET, out)(
+            x, kernel.reshape(k, k, c), **_attrs(stride, pads)
+        )
+    if scale is None or shift is None:
+        raise ValueError("depthwise_forward: give both `scale` and `shift`, or neither")
+    return jax.ffi.ffi_call(_FWD_AFFINE_TARGET, out)(
+        x, kernel.reshape(k, k, c), scale, shift, **_attrs(stride, pads), relu=np.int32(relu)
+    )
 
 
 def depthwise_backward(

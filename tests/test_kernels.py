@@ -126,6 +126,46 @@ def test_forward_and_backward_match_grouped(b: int, hw: int, c: int, k: int, str
     assert jnp.array_equal(dk, dk2) and jnp.array_equal(dx, dx2)
 
 
+@needs_native
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
+@pytest.mark.parametrize(
+    ("b", "hw", "c", "k", "stride"),
+    # Channel counts that take the 64-, 32-, 16- and 8-wide paths and the scalar tail;
+    # batches of one (split over rows), images smaller than the kernel.
+    [(1, 11, 100, 3, 1), (2, 7, 17, 5, 2), (1, 6, 8, 3, 2), (3, 5, 200, 3, 1), (1, 2, 13, 5, 1)],
+)
+def test_forward_with_affine_matches_reference(
+    b: int, hw: int, c: int, k: int, stride: int, relu: bool
+) -> None:
+    """The fused inference forward: conv, then `y·scale + shift` per channel, then ReLU."""
+    kx, kk, ks, kb = jax.random.split(jax.random.key(c + hw), 4)
+    out, lo, _ = same_pads(hw, k, stride)
+    x = jax.random.normal(kx, (b, hw, hw, c))
+    kernel = jax.random.normal(kk, (k, k, 1, c))
+    scale, shift = jax.random.normal(ks, (c,)), jax.random.normal(kb, (c,))
+    got = jax.jit(
+        lambda x, w, a, s: kernels.depthwise_forward(
+            x, w, stride=stride, pads=(lo, lo), out_hw=(out, out), scale=a, shift=s, relu=relu
+        )
+    )(x, kernel, scale, shift)
+    want = depthwise_conv(x, kernel, stride=stride, impl="grouped") * scale[None, None, None]
+    want = want + shift[None, None, None]
+    want = jnp.maximum(want, 0) if relu else want
+    assert got.shape == want.shape == (b, out, out, c)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    if relu:
+        assert float(got.min()) == 0.0 and float(want.min()) < 0.5 * float(want.max())
+
+
+def test_forward_affine_arguments_go_together() -> None:
+    x, w, v = jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 1, 2)), jnp.ones(2)
+    args = {"stride": 1, "pads": (1, 1), "out_hw": (4, 4)}
+    with pytest.raises(ValueError, match="both `scale` and `shift`"):
+        kernels.depthwise_forward(x, w, **args, scale=v)
+    with pytest.raises(ValueError, match="`relu` needs `scale` and `shift`"):
+        kernels.depthwise_forward(x, w, **args, relu=True)
+
+
 def _flax_batch_norm(
     x: jax.Array, scale: jax.Array, bias: jax.Array, g: jax.Array, relu: bool
 ) -> tuple[jax.Array, ...]:

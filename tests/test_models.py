@@ -22,6 +22,7 @@ from mobisearch.models import (
     BN_MOMENTUM,
     DEPTHWISE_ENV_VAR,
     DEPTHWISE_IMPLS,
+    DepthwiseConv,
     MobileNet,
     PointwiseConv,
     build_model,
@@ -438,6 +439,28 @@ def test_model_loss_gradients_match_grouped(impl: str) -> None:
         # BN in training mode divides by batch std, so allow a little more than one conv.
         _assert_close(params[name], ref, f"{impl}: d loss / d {name}", rtol=1e-4)
     _assert_close(d_x, ref_x, f"{impl}: d loss / d x", rtol=1e-4)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable")
+def test_native_eval_mode_fuses_batch_norm_and_matches_shift() -> None:
+    """Eval mode with the native impl runs each depthwise conv, its BatchNorm (running
+    averages) and ReLU as one native call; outputs and gradients equal the shift-and-add
+    model's with flax's BatchNorm, on the same state."""
+    x = jax.random.normal(jax.random.key(1), (3, MIXED.resolution, MIXED.resolution, MIXED.in_ch))
+    native = build_model(MIXED, rngs=nnx.Rngs(0), depthwise="native")
+    native.train()
+    native(x)  # running averages away from (0, 1)
+    native.eval()
+    shift = build_model(MIXED, rngs=nnx.Rngs(1), depthwise="shift")
+    shift.eval()
+    nnx.update(shift, nnx.state(native))
+
+    hlo = jax.jit(lambda x: native(x)).lower(x).as_text()
+    n_dw = sum(isinstance(m, DepthwiseConv) for _, m in nnx.iter_graph(native))
+    assert hlo.count("mobisearch_depthwise_fwd_affine") == n_dw > 0
+    _assert_close(native(x), shift(x), "eval logits", rtol=1e-5)
+    grads = [jax.grad(lambda x, m=m: m(x).sum())(x) for m in (native, shift)]
+    _assert_close(grads[0], grads[1], "eval d logits / d x", rtol=1e-4)
 
 
 # --- choosing an implementation, errors --------------------------------------------------

@@ -1,15 +1,17 @@
-// Depthwise k×k convolution (NHWC, float32, TF/Keras SAME padding) for XLA:CPU, as two
-// XLA FFI handlers: the forward pass and the backward pass (input and kernel gradients in
-// one sweep over the output gradient).
+// Depthwise k×k convolution (NHWC, float32, TF/Keras SAME padding) for XLA:CPU, as XLA FFI
+// handlers: the forward pass, the forward pass with an inference-mode BatchNorm and ReLU
+// fused in, and the backward pass (input and kernel gradients in one sweep over the output
+// gradient).
 //
 // XLA:CPU has no fast depthwise convolution: its grouped convolution lowers the weight
 // gradient to a dense C×C convolution, and the shift-and-add formulation (k² shifted
 // slices) materialises every tap. Here each output pixel reads its k×k window once, with
-// the channel loop innermost (contiguous in NHWC), which the compiler vectorises.
+// the channels innermost (contiguous in NHWC): as explicit vectors with sums kept in
+// registers in the forward, a loop the compiler vectorises in the backward.
 //
-// Work is split over the batch between the caller and XLA's intra-op thread pool. The
-// kernel gradient is accumulated per chunk and summed at the end in chunk order, so the
-// result does not depend on thread timing.
+// Work is split between the caller and XLA's intra-op thread pool: over output rows in the
+// forward, over the batch in the backward. The kernel gradient is accumulated per chunk and
+// summed at the end in chunk order, so the result does not depend on thread timing.
 //
 // Built on first use by mobisearch/kernels.py (g++ -O3 -march=native) against the FFI
 // headers shipped with jaxlib (`jax.ffi.include_dir()`).
@@ -48,26 +50,66 @@ ffi::Error ReadGeometry(ffi::Span<const int64_t> x_dims, ffi::Span<const int64_t
   return ffi::Error::Success();
 }
 
-void ForwardChunk(const Geometry& g, const float* __restrict x, const float* __restrict w,
-                  float* __restrict y, int64_t n0, int64_t n1) {
-  const int64_t C = g.c;
-  for (int64_t n = n0; n < n1; ++n) {
-    for (int64_t oh = 0; oh < g.oh; ++oh) {
-      for (int64_t ow = 0; ow < g.ow; ++ow) {
-        float* __restrict yp = y + ((n * g.oh + oh) * g.ow + ow) * C;
-        std::fill(yp, yp + C, 0.0f);
-        for (int64_t i = 0; i < g.k; ++i) {
-          const int64_t ih = oh * g.stride + i - g.lo_h;
-          if (ih < 0 || ih >= g.h) continue;
-          for (int64_t j = 0; j < g.k; ++j) {
-            const int64_t iw = ow * g.stride + j - g.lo_w;
-            if (iw < 0 || iw >= g.w) continue;
-            const float* __restrict xp = x + ((n * g.h + ih) * g.w + iw) * C;
-            const float* __restrict wp = w + (i * g.k + j) * C;
-            for (int64_t c = 0; c < C; ++c) yp[c] += xp[c] * wp[c];
-          }
-        }
+// Forward of one output pixel's channels [c0, C), L floats at a time as a GCC vector (the
+// rest, fewer than L, are left to the caller): each sum stays in a register over the k×k
+// window (rows [i0, i1), columns [j0, j1) of it inside x; x + xo is its top-left tap, which
+// may lie outside x) and
+// is stored once. With scale (and shift), each output is then y·scale + shift per channel,
+// and max(·, 0) if relu: an inference-mode BatchNorm and its ReLU, applied before the store.
+template <int L, int B = 1>
+int64_t ForwardPixel(const Geometry& g, const float* __restrict x, int64_t xo,
+                     const float* __restrict w,
+                     const float* __restrict scale, const float* __restrict shift, bool relu,
+                     float* __restrict yp, int64_t i0, int64_t i1, int64_t j0, int64_t j1,
+                     int64_t c0) {
+  // Unaligned, and allowed to alias the float arrays it is read from and written to.
+  typedef float V __attribute__((vector_size(4 * L), aligned(4), may_alias));
+  const int64_t C = g.c, k = g.k, row = g.w * C;
+  // B blocks of L channels at once: B independent sums hide the latency of the FMAs.
+  for (; c0 + B * L <= C; c0 += B * L) {
+    V acc[B] = {};
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const float* xp = x + (xo + i * row + j * C + c0);
+        const float* wp = w + ((i * k + j) * C + c0);
+#pragma GCC unroll 8
+        for (int b = 0; b < B; ++b)
+          acc[b] += *reinterpret_cast<const V*>(xp + b * L) *
+                    *reinterpret_cast<const V*>(wp + b * L);
       }
+    }
+#pragma GCC unroll 8
+    for (int b = 0; b < B; ++b) {
+      V a = acc[b];
+      if (scale != nullptr) {
+        a = a * *reinterpret_cast<const V*>(scale + c0 + b * L) +
+            *reinterpret_cast<const V*>(shift + c0 + b * L);
+        if (relu) a = a > 0 ? a : 0;
+      }
+      *reinterpret_cast<V*>(yp + c0 + b * L) = a;
+    }
+  }
+  return c0;
+}
+
+// Output rows [r0, r1) of the flattened (n, oh) axis.
+void ForwardRows(const Geometry& g, const float* __restrict x, const float* __restrict w,
+                 const float* __restrict scale, const float* __restrict shift, bool relu,
+                 float* __restrict y, int64_t r0, int64_t r1) {
+  const int64_t C = g.c, k = g.k;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / g.oh, top = r % g.oh * g.stride - g.lo_h;
+    const int64_t i0 = std::max<int64_t>(0, -top), i1 = std::min<int64_t>(k, g.h - top);
+    for (int64_t ow = 0; ow < g.ow; ++ow) {
+      const int64_t left = ow * g.stride - g.lo_w;
+      const int64_t j0 = std::max<int64_t>(0, -left), j1 = std::min<int64_t>(k, g.w - left);
+      const int64_t xo = ((n * g.h + top) * g.w + left) * C;
+      float* yp = y + (r * g.ow + ow) * C;
+      int64_t c = ForwardPixel<16, 4>(g, x, xo, w, scale, shift, relu, yp, i0, i1, j0, j1, 0);
+      c = ForwardPixel<16, 2>(g, x, xo, w, scale, shift, relu, yp, i0, i1, j0, j1, c);
+      c = ForwardPixel<16>(g, x, xo, w, scale, shift, relu, yp, i0, i1, j0, j1, c);
+      c = ForwardPixel<8>(g, x, xo, w, scale, shift, relu, yp, i0, i1, j0, j1, c);
+      ForwardPixel<1>(g, x, xo, w, scale, shift, relu, yp, i0, i1, j0, j1, c);
     }
   }
 }
@@ -104,9 +146,10 @@ void BackwardChunk(const Geometry& g, const float* __restrict x, const float* __
   }
 }
 
-ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                            ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
-                            int32_t stride, int32_t lo_h, int32_t lo_w) {
+// Forward over output rows, not images, so a batch of one still uses every thread.
+ffi::Error Forward(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& w,
+                   const float* scale, const float* shift, bool relu,
+                   ffi::ResultBuffer<ffi::F32>& y, int32_t stride, int32_t lo_h, int32_t lo_w) {
   Geometry g;
   if (auto err = ReadGeometry(x.dimensions(), w.dimensions(), y->dimensions(), stride, lo_h,
                               lo_w, &g);
@@ -115,11 +158,31 @@ ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* xd = x.typed_data();
   const float* wd = w.typed_data();
   float* yd = y->typed_data();
-  const int64_t chunks = NumChunks(pool, g.n);
+  const int64_t rows = g.n * g.oh;
+  const int64_t chunks = NumChunks(pool, rows);
   ParallelFor(pool, chunks, [&](int64_t t) {
-    ForwardChunk(g, xd, wd, yd, g.n * t / chunks, g.n * (t + 1) / chunks);
+    ForwardRows(g, xd, wd, scale, shift, relu, yd, rows * t / chunks, rows * (t + 1) / chunks);
   });
   return ffi::Error::Success();
+}
+
+ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
+                            int32_t stride, int32_t lo_h, int32_t lo_w) {
+  return Forward(pool, x, w, nullptr, nullptr, false, y, stride, lo_h, lo_w);
+}
+
+// The forward followed by y·scale + shift per channel and, if relu, max(·, 0).
+ffi::Error DepthwiseForwardAffine(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                  ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> scale,
+                                  ffi::Buffer<ffi::F32> shift, ffi::ResultBuffer<ffi::F32> y,
+                                  int32_t stride, int32_t lo_h, int32_t lo_w, int32_t relu) {
+  const auto c = x.dimensions().size() == 4 ? x.dimensions()[3] : -1;
+  if (scale.element_count() != static_cast<size_t>(c) ||
+      shift.element_count() != static_cast<size_t>(c))
+    return ffi::Error::InvalidArgument("scale and shift must hold one value per channel");
+  return Forward(pool, x, w, scale.typed_data(), shift.typed_data(), relu != 0, y, stride,
+                 lo_h, lo_w);
 }
 
 ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -162,6 +225,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MobisearchDepthwiseForward, DepthwiseForward,
                                   .Attr<int32_t>("stride")
                                   .Attr<int32_t>("lo_h")
                                   .Attr<int32_t>("lo_w"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MobisearchDepthwiseForwardAffine, DepthwiseForwardAffine,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("stride")
+                                  .Attr<int32_t>("lo_h")
+                                  .Attr<int32_t>("lo_w")
+                                  .Attr<int32_t>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MobisearchDepthwiseBackward, DepthwiseBackward,
                               ffi::Ffi::Bind()
