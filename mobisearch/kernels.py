@@ -81,20 +81,10 @@ def _cxx() -> str:
     return os.environ.get("CXX", "c++")
 
 
-def _compile_command(sources: tuple[pathlib.Path, ...], output: pathlib.Path) -> list[str]:
-    return [
-        _cxx(),
-        "-O3",
-        "-march=native",
-        "-std=c++17",
-        "-shared",
-        "-fPIC",
-        "-w",
-        f"-I{jax.ffi.include_dir()}",
-        *map(str, sources),
-        "-o",
-        str(output),
-    ]
+def _compile_command(source: pathlib.Path, output: pathlib.Path) -> list[str]:
+    """Compile one source to an object file."""
+    flags = ["-O3", "-march=native", "-std=c++17", "-fPIC", "-w"]
+    return [_cxx(), *flags, f"-I{jax.ffi.include_dir()}", "-c", str(source), "-o", str(output)]
 
 
 def library_path() -> pathlib.Path:
@@ -103,38 +93,53 @@ def library_path() -> pathlib.Path:
     key = hashlib.sha256()
     for path in (*SOURCES, *HEADERS):
         key.update(path.read_bytes())
-    names = tuple(pathlib.Path(p.name) for p in SOURCES)
-    key.update(" ".join(_compile_command(names, pathlib.Path("out"))).encode())
+    for p in SOURCES:
+        key.update(" ".join(_compile_command(pathlib.Path(p.name), pathlib.Path("o"))).encode())
     key.update(importlib.metadata.version("jaxlib").encode())
     key.update(_cpu_id().encode())
     return folder / key.hexdigest()[:16] / "libmobisearch_kernels.so"
 
 
+def _spawn(command: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+
+
+def _wait(jobs: list[tuple[str, subprocess.Popen[str]]]) -> None:
+    """Wait for `(what, process)` compiler jobs; on a failure, stop the others and raise."""
+    try:
+        for what, job in jobs:
+            _, err = job.communicate(timeout=300)
+            if job.returncode != 0:
+                raise RuntimeError(
+                    f"building {what} failed (exit {job.returncode}): {err.strip()[-2000:]}"
+                )
+    finally:
+        for _, job in jobs:
+            if job.poll() is None:
+                job.kill()
+                job.wait()
+
+
 def _build(path: pathlib.Path) -> None:
-    """Compile `SOURCES` to `path` atomically (a concurrent builder cannot leave half a file)."""
+    """Compile `SOURCES` to `path` atomically (a concurrent builder cannot leave half a file).
+
+    The sources compile side by side, one compiler process each, then link.
+    """
     cxx = _cxx()
     if shutil.which(cxx) is None:
         raise RuntimeError(f"no C++ compiler: {cxx!r} is not on PATH (set $CXX)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
-    os.close(fd)
-    try:
-        done = subprocess.run(
-            _compile_command(SOURCES, pathlib.Path(tmp)),
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=300,
+    with tempfile.TemporaryDirectory(dir=path.parent, suffix=".tmp") as work:
+        objects = [pathlib.Path(work) / f"{src.stem}.o" for src in SOURCES]
+        _wait(
+            [
+                (src.name, _spawn(_compile_command(src, obj)))
+                for src, obj in zip(SOURCES, objects, strict=True)
+            ]
         )
-        if done.returncode != 0:
-            raise RuntimeError(
-                f"building {', '.join(p.name for p in SOURCES)} failed (exit {done.returncode}): "
-                f"{done.stderr.strip()[-2000:]}"
-            )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        lib = pathlib.Path(work) / "lib.so"
+        _wait([("the link", _spawn([cxx, "-shared", *map(str, objects), "-o", str(lib)]))])
+        os.replace(lib, path)
 
 
 def _load() -> None:
