@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 import pathlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx, serialization
 
@@ -21,9 +23,9 @@ from mobisearch.data import image_mean_std
 from mobisearch.latency import device_fingerprint, measure_latency
 from mobisearch.models import default_depthwise_impl
 from mobisearch.train import (
+    abstract_state,
     compiled_forward,
     evaluate,
-    fresh_split,
     precompile_forward,
     train_and_evaluate,
 )
@@ -74,11 +76,29 @@ def save_state(state: Any, path: pathlib.Path) -> None:
 
 
 def load_state(arch: ArchSpec, path: pathlib.Path, *, depthwise: str | None = None) -> Any:
-    """Read a state written by `save_state` into a freshly built model's structure."""
+    """Read a state written by `save_state` into `arch`'s structure (without building the
+    model: its abstract state gives the structure and the shapes).
+
+    Raises:
+      ValueError: naming the file and the array when a shape does not match `arch`.
+    """
     restored = serialization.msgpack_restore(path.read_bytes())
-    _, params, rest = fresh_split(arch, depthwise, training=True)
-    nnx.replace_by_pure_dict(params, restored["params"])
-    nnx.replace_by_pure_dict(rest, restored["rest"])
+    abstract = abstract_state(arch, depthwise or default_depthwise_impl())
+
+    def put(where: str) -> Callable[[Any, Any], Any]:
+        def replace(var: Any, value: Any) -> Any:
+            if var.shape != value.shape:
+                raise ValueError(
+                    f"{path}: {where} array of shape {value.shape}, expected {var.shape} for "
+                    f"{arch.display_id}"
+                )
+            return var.replace(jnp.asarray(value))
+
+        return replace
+
+    params, rest = jax.tree.map(lambda v: v, abstract)  # fresh States; the cached one stays
+    nnx.replace_by_pure_dict(params, restored["params"], put("a parameter"))
+    nnx.replace_by_pure_dict(rest, restored["rest"], put("a BatchNorm statistic"))
     return params, rest
 
 

@@ -252,6 +252,13 @@ def _graphs(arch: ArchSpec, depthwise: str) -> _Graphs:
     return _Graphs(graph_train, graph_eval, params, rest)
 
 
+def abstract_state(arch: ArchSpec, depthwise: str | None = None) -> tuple[Any, Any]:
+    """`(params, rest)` of `arch` with `jax.ShapeDtypeStruct` leaves: its structure and
+    shapes without building it (cached; do not modify them)."""
+    graphs = _graphs(arch, depthwise or default_depthwise_impl())
+    return graphs.params, graphs.rest
+
+
 @dataclasses.dataclass(frozen=True)
 class _CompiledTrain:
     step: Any

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 
@@ -127,6 +128,12 @@ def test_checkpoint_round_trip(tmp_path, data) -> None:  # type: ignore[no-untyp
     a = train.evaluate(arch, result.state, data.x_test, data.y_test, cfg=CFG, stats=stats)
     b = train.evaluate(arch, restored, data.x_test, data.y_test, cfg=CFG, stats=stats)
     assert a == b
+    # Restored into the cached abstract structure, which stays abstract for the next load.
+    leaves = jax.tree.leaves(train.abstract_state(arch))
+    assert all(isinstance(v, jax.ShapeDtypeStruct) for v in leaves)
+    wider = dataclasses.replace(arch, width=arch.width * 2)
+    with pytest.raises(ValueError, match=r"c\.msgpack: a parameter array of shape .* expected"):
+        load_state(wider, tmp_path / "c.msgpack")
 
 
 def test_prepared_images_are_cached_per_array_and_resolution(data) -> None:  # type: ignore[no-untyped-def]
