@@ -554,9 +554,16 @@ class PointwiseConv(nnx.Module):
         init = nnx.initializers.lecun_normal()
         self.kernel = nnx.Param(init(rngs.params(), (1, 1, in_ch, out_ch)))
 
+    # NOTE: a 2-D dot on the flattened pixels, not `einsum("bhwc,cd->bhwd")`: the same
+    # inference speed, but a faster train step (2-core Xeon, jax 0.10.2, native impl, batch
+    # 128, median of 35 steps, ad hoc: mnv1_w050_r28_k3 115.6 -> 100.4 ms, mnv1_w025_r20_k3
+    # 33.4 -> 31.0 ms; compile unchanged). The einsum's gradients were 4-D dot_generals.
+
     def __call__(self, x: Array) -> Array:
         """`[b, h, w, C_in] -> [b, h, w, C_out]` (NHWC)."""
-        return jnp.einsum("bhwc,cd->bhwd", x, self.kernel[...][0, 0])
+        kernel = self.kernel[...][0, 0]
+        y = jnp.dot(x.reshape(-1, kernel.shape[0]), kernel)
+        return y.reshape(*x.shape[:-1], kernel.shape[1])
 
 
 class ConvBN(nnx.Module):
