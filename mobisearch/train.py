@@ -200,6 +200,25 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     )
 
 
+def init_optimizer(tx: optax.GradientTransformation, params: Any) -> Any:
+    """`tx.init(params)` for the optimizers of `make_optimizer`, built on the host.
+
+    Every leaf of their state starts at zero (step counts, first and second moments,
+    momentum), so the state is made from `jax.eval_shape(tx.init, params)` with numpy
+    zeros. Eager `tx.init` dispatched one zero-fill per leaf and compiled one per new shape:
+    0.2-0.9 s per candidate on 2 cores.
+
+    Raises:
+      ValueError: if `tx`'s state has a leaf that does not start at zero (checked on a
+        one-element stand-in of `params`), i.e. `tx` is not one of those optimizers.
+    """
+    probe = tx.init(jax.tree.map(lambda p: jnp.zeros((1,) * p.ndim, p.dtype), params))
+    if any(np.any(np.asarray(leaf)) for leaf in jax.tree.leaves(probe)):
+        raise ValueError("init_optimizer: the optimizer's state does not start at zero")
+    shapes = jax.eval_shape(tx.init, params)
+    return jax.device_put(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
+
+
 def _loss(logits: jax.Array, labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
     if smoothing:
         targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
@@ -527,7 +546,7 @@ def train_and_evaluate(
     compile_s = time.perf_counter() - t0 if compile_train_s or compile_eval_s else 0.0
 
     _, params, rest = fresh_split(arch, depthwise, training=True, seed=seed)
-    opt_state = train.tx.init(params)
+    opt_state = init_optimizer(train.tx, params)
     rng = np.random.default_rng(seed)
     x_dev = jax.device_put(x_train)
     y_dev = jax.device_put(data.y_train.astype(np.int32))

@@ -6,6 +6,7 @@ import dataclasses
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from mobisearch import train
@@ -275,3 +276,17 @@ def test_inline_steps_reuse_their_memory() -> None:
     # 130 MB of temporaries are 33k pages: the inline steps touch almost no new page.
     assert faults["inline"] < 2000, faults
     assert 10 * faults["inline"] < faults["async"], faults
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_init_optimizer_equals_optax_init(optimizer: str) -> None:
+    _, params, _ = train.fresh_split(small_arch(), training=True)
+    tx = train.make_optimizer(dataclasses.replace(CFG, optimizer=optimizer))
+    got, want = train.init_optimizer(tx, params), tx.init(params)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert isinstance(a, jax.Array) and a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    # A state that does not start at zero is refused, not silently zeroed.
+    with pytest.raises(ValueError, match="does not start at zero"):
+        train.init_optimizer(optax.adagrad(0.1, initial_accumulator_value=0.1), params)
