@@ -85,7 +85,12 @@ from mobisearch.latency import device_fingerprint
 from mobisearch.models import build_model, default_depthwise_impl, split_model
 from mobisearch.presets import mobilenet_v1, mobilenet_v1_small
 from mobisearch.space import TrainConfig
-from mobisearch.train import _compile_train, inline_cpu_dispatch, keep_freed_memory
+from mobisearch.train import (
+    _compile_train,
+    inference_compiler_options,
+    inline_cpu_dispatch,
+    keep_freed_memory,
+)
 
 try:
     import torch
@@ -264,7 +269,8 @@ def mobisearch_runner(case: Case, impl: str | None = None) -> Runner:
             return nnx.merge(graphdef, params, rest)(x)
 
         t0 = time.perf_counter()
-        compiled = jax.jit(forward).lower(params, rest, x).compile()
+        options = inference_compiler_options(impl)
+        compiled = jax.jit(forward).lower(params, rest, x).compile(compiler_options=options)
         compile_s = time.perf_counter() - t0
 
         def call() -> Any:

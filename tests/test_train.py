@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from mobisearch import train
+from mobisearch import kernels, train
 from mobisearch.arch import ArchSpec, BlockSpec
 from mobisearch.data import image_mean_std, load_dataset
 from mobisearch.space import TrainConfig
@@ -290,3 +290,17 @@ def test_init_optimizer_equals_optax_init(optimizer: str) -> None:
     # A state that does not start at zero is refused, not silently zeroed.
     with pytest.raises(ValueError, match="does not start at zero"):
         train.init_optimizer(optax.adagrad(0.1, initial_accumulator_value=0.1), params)
+
+
+def test_eval_programs_of_native_models_compile_without_ynnpack_fusions() -> None:
+    off = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert train.inference_compiler_options("native", "cpu") == off
+    assert train.inference_compiler_options("shift", "cpu") == {}
+    assert train.inference_compiler_options("native", "gpu") == {}
+    if jax.default_backend() != "cpu" or not kernels.available():
+        pytest.skip("needs the CPU backend and the native kernels")
+    arch = small_arch()
+    assert "ynn_fusion" not in train.compiled_forward(arch, "native", batch=2).as_text()
+    assert "ynn_fusion" not in train._compile_eval(arch, "native", 8).step.as_text()
+    # The shift-and-add build keeps XLA's default, which hands fusions to YNNPACK.
+    assert "ynn_fusion" in train.compiled_forward(arch, "shift", batch=2).as_text()
