@@ -51,15 +51,16 @@ ffi::Error ReadGeometry(ffi::Span<const int64_t> x_dims, ffi::Span<const int64_t
 }
 
 // Forward of one output pixel's channels [c0, C), L floats at a time as a GCC vector (the
-// rest, fewer than L, are left to the caller): each sum stays in a register over the k×k
-// window (rows [i0, i1), columns [j0, j1) of it inside x; x + xo is its top-left tap, which
-// may lie outside x) and
-// is stored once. With scale (and shift), each output is then y·scale + shift per channel,
-// and max(·, 0) if relu: an inference-mode BatchNorm and its ReLU, applied before the store.
+// rest, fewer than L, are left to the caller; the return value is where they start). Each
+// sum stays in a register over the k×k window and is stored once: rows [i0, i1) and
+// columns [j0, j1) of the window lie inside x, and offset xo is its top-left tap, which
+// may lie outside x. With scale (and shift), each output is then y·scale + shift per
+// channel, and max(·, 0) if relu: an inference-mode BatchNorm and its ReLU, applied
+// before the store.
 template <int L, int B = 1>
 int64_t ForwardPixel(const Geometry& g, const float* __restrict x, int64_t xo,
-                     const float* __restrict w,
-                     const float* __restrict scale, const float* __restrict shift, bool relu,
+                     const float* __restrict w, const float* __restrict scale,
+                     const float* __restrict shift, bool relu,
                      float* __restrict yp, int64_t i0, int64_t i1, int64_t j0, int64_t j1,
                      int64_t c0) {
   // Unaligned, and allowed to alias the float arrays it is read from and written to.
