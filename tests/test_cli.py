@@ -241,20 +241,29 @@ def test_interrupted_search_resumes_without_retraining(tmp_path, sig) -> None:  
         if not db.exists():
             return []
         with sqlite3.connect(db) as con:
-            return [
-                v
-                for (v,) in con.execute(
+            try:
+                rows = con.execute(
                     "select a.value_json from trials t join trial_user_attributes a "
                     "on a.trial_id = t.trial_id "
                     "where t.state = 'COMPLETE' and a.key = 'display_id'"
-                )
-            ]
+                ).fetchall()
+            except sqlite3.OperationalError as e:
+                # The file exists before optuna has created its tables.
+                if "no such table" in str(e):
+                    return []
+                raise
+        return [v for (v,) in rows]
 
-    deadline = time.monotonic() + 300
-    while not complete() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    proc.send_signal(sig)
-    code = proc.wait(timeout=60)
+    try:
+        deadline = time.monotonic() + 300
+        while not complete() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:  # a failed wait must not leave the search running
+            proc.kill()
+            proc.wait()
     # Ctrl-C ends cleanly with status 130, the running trial marked "interrupted".
     assert code == (130 if sig == signal.SIGINT else -signal.SIGKILL)
     finished = complete()
