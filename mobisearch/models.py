@@ -272,8 +272,13 @@ _native_cvjp.defvjp(_native_fwd, _native_bwd)
 
 
 def _native_handles(*arrays: Array) -> bool:
-    """Whether the native FFI handlers apply: they are CPU-only and float32-only."""
-    return jax.default_backend() == "cpu" and all(a.dtype == jnp.float32 for a in arrays)
+    """Whether the native FFI handlers apply to `arrays`: they are built (`kernels.available`),
+    and they are CPU-only and float32-only."""
+    return (
+        jax.default_backend() == "cpu"
+        and all(a.dtype == jnp.float32 for a in arrays)
+        and kernels.available()
+    )
 
 
 def _native(x: Array, kernel: Array, stride: int) -> Array:
@@ -474,12 +479,7 @@ class BatchNorm(nnx.BatchNorm):
     def __call__(self, x: Array, *, relu: bool = False) -> Array:  # type: ignore[override]
         """`[..., C] -> [..., C]`: normalise (batch statistics in training, running averages
         in eval mode), scale and shift, then ReLU if `relu`."""
-        if (
-            self.native
-            and not self.use_running_average
-            and _native_handles(x)
-            and kernels.available()
-        ):
+        if self.native and not self.use_running_average and _native_handles(x):
             assert self.scale is not None and self.bias is not None  # use_scale, use_bias
             y, mean, var = _native_bn(x, self.scale[...], self.bias[...], self.epsilon, relu)
             m = self.momentum
@@ -634,7 +634,6 @@ class ConvBN(nnx.Module):
             and conv.impl == "native"
             and self.bn.use_running_average
             and _native_handles(x)
-            and kernels.available()
         ):
             scale, shift = self.bn.affine()
             return _native_dw_affine(x, conv.kernel[...], scale, shift, conv.stride, self.act)
