@@ -280,18 +280,71 @@ def abstract_state(arch: ArchSpec, depthwise: str | None = None) -> tuple[Any, A
     return graphs.params, graphs.rest
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class CompileTimes:
+    """Where the compile of one program went, in wall seconds.
+
+    Attributes:
+      graphs_s: building the architecture's abstract model (`abstract_state`); cached, so
+        only the first program of an architecture pays it.
+      trace_s: tracing the step to a jaxpr: Python running NNX's merge, the model and optax.
+      lower_s: lowering the jaxpr to StableHLO.
+      xla_s: XLA's compile, or the load from the persistent compilation cache.
+    """
+
+    graphs_s: float
+    trace_s: float
+    lower_s: float
+    xla_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.graphs_s + self.trace_s + self.lower_s + self.xla_s
+
+
 @dataclasses.dataclass(frozen=True)
-class _CompiledTrain:
+class _Compiled:
     step: Any
+    times: CompileTimes
+
+    @property
+    def compile_s(self) -> float:
+        return self.times.total_s
+
+
+@dataclasses.dataclass(frozen=True)
+class _CompiledTrain(_Compiled):
     tx: optax.GradientTransformation
-    compile_s: float
 
 
 @dataclasses.dataclass(frozen=True)
-class _CompiledEval:
-    step: Any
+class _CompiledEval(_Compiled):
     batch: int
-    compile_s: float
+
+
+def _timed_graphs(arch: ArchSpec, depthwise: str) -> tuple[_Graphs, float]:
+    t0 = time.perf_counter()
+    graphs = _graphs(arch, depthwise)
+    return graphs, time.perf_counter() - t0
+
+
+def _aot_compile(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    *,
+    start: float,
+    graphs_s: float,
+    compiler_options: dict[str, str | bool],
+    donate_argnums: tuple[int, ...] = (),
+) -> tuple[Any, CompileTimes]:
+    """`jax.jit(fn).trace(*args).lower().compile(...)`, timing each stage; `start` is when
+    the caller began preparing the trace (building the optimizer, abstract arguments)."""
+    traced = jax.jit(fn, donate_argnums=donate_argnums).trace(*args)
+    t1 = time.perf_counter()
+    lowered = traced.lower()
+    t2 = time.perf_counter()
+    compiled = lowered.compile(compiler_options=compiler_options)
+    return compiled, CompileTimes(graphs_s, t1 - start, t2 - t1, time.perf_counter() - t2)
 
 
 # NOTE: XLA:CPU hands dots, reductions and elementwise fusions to YNNPACK by default.
@@ -340,8 +393,8 @@ def _compile_train(
     arch: ArchSpec, cfg: TrainConfig, depthwise: str, n_train: int
 ) -> _CompiledTrain:
     """Trace and compile the train step of one architecture + recipe, once."""
-    t0 = time.perf_counter()
-    graphs = _graphs(arch, depthwise)
+    graphs, graphs_s = _timed_graphs(arch, depthwise)
+    start = time.perf_counter()
     graphdef, params, rest = graphs.train, graphs.params, graphs.rest
     tx = make_optimizer(cfg)
 
@@ -361,26 +414,30 @@ def _compile_train(
         return optax.apply_updates(params, updates), rest, opt_state, loss
 
     r, c = arch.resolution, arch.in_ch
-    step = (
-        jax.jit(train_step, donate_argnums=(0, 1, 2))
-        .lower(
-            params,
-            rest,
-            jax.eval_shape(tx.init, params),
-            jax.ShapeDtypeStruct((n_train, r, r, c), jnp.float32),
-            jax.ShapeDtypeStruct((n_train,), jnp.int32),
-            jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32),
-        )
-        .compile(compiler_options=train_compiler_options())
+    args = (
+        params,
+        rest,
+        jax.eval_shape(tx.init, params),
+        jax.ShapeDtypeStruct((n_train, r, r, c), jnp.float32),
+        jax.ShapeDtypeStruct((n_train,), jnp.int32),
+        jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32),
     )
-    return _CompiledTrain(step, tx, time.perf_counter() - t0)
+    step, times = _aot_compile(
+        train_step,
+        args,
+        start=start,
+        graphs_s=graphs_s,
+        compiler_options=train_compiler_options(),
+        donate_argnums=(0, 1, 2),
+    )
+    return _CompiledTrain(step, times, tx)
 
 
 @functools.lru_cache(maxsize=32)
 def _compile_eval(arch: ArchSpec, depthwise: str, batch: int) -> _CompiledEval:
     """Trace and compile the eval step (masked, fixed batch) of one architecture, once."""
-    t0 = time.perf_counter()
-    graphs = _graphs(arch, depthwise)
+    graphs, graphs_s = _timed_graphs(arch, depthwise)
+    start = time.perf_counter()
     graphdef, params, rest = graphs.eval, graphs.params, graphs.rest
 
     def eval_step(params, rest, x, y, mask):  # type: ignore[no-untyped-def]
@@ -391,35 +448,43 @@ def _compile_eval(arch: ArchSpec, depthwise: str, batch: int) -> _CompiledEval:
         return jnp.sum(correct), jnp.sum(jnp.where(mask, losses, 0.0))
 
     r, c = arch.resolution, arch.in_ch
-    step = (
-        jax.jit(eval_step)
-        .lower(
-            params,
-            rest,
-            jax.ShapeDtypeStruct((batch, r, r, c), jnp.float32),
-            jax.ShapeDtypeStruct((batch,), jnp.int32),
-            jax.ShapeDtypeStruct((batch,), jnp.bool_),
-        )
-        .compile(compiler_options=inference_compiler_options(depthwise))
+    args = (
+        params,
+        rest,
+        jax.ShapeDtypeStruct((batch, r, r, c), jnp.float32),
+        jax.ShapeDtypeStruct((batch,), jnp.int32),
+        jax.ShapeDtypeStruct((batch,), jnp.bool_),
     )
-    return _CompiledEval(step, batch, time.perf_counter() - t0)
+    step, times = _aot_compile(
+        eval_step,
+        args,
+        start=start,
+        graphs_s=graphs_s,
+        compiler_options=inference_compiler_options(depthwise),
+    )
+    return _CompiledEval(step, times, batch)
 
 
 @functools.lru_cache(maxsize=32)
-def _compile_forward(arch: ArchSpec, depthwise: str, batch: int) -> Any:
+def _compile_forward(arch: ArchSpec, depthwise: str, batch: int) -> _Compiled:
     """Trace and compile the eval-mode forward pass `(params, rest, x) -> logits`, once."""
-    graphs = _graphs(arch, depthwise)
+    graphs, graphs_s = _timed_graphs(arch, depthwise)
+    start = time.perf_counter()
     graphdef = graphs.eval
 
     def forward(params, rest, x):  # type: ignore[no-untyped-def]
         return nnx.merge(graphdef, params, rest)(x)
 
     r, c = arch.resolution, arch.in_ch
-    return (
-        jax.jit(forward)
-        .lower(graphs.params, graphs.rest, jax.ShapeDtypeStruct((batch, r, r, c), jnp.float32))
-        .compile(compiler_options=inference_compiler_options(depthwise))
+    args = (graphs.params, graphs.rest, jax.ShapeDtypeStruct((batch, r, r, c), jnp.float32))
+    step, times = _aot_compile(
+        forward,
+        args,
+        start=start,
+        graphs_s=graphs_s,
+        compiler_options=inference_compiler_options(depthwise),
     )
+    return _Compiled(step, times)
 
 
 # NOTE: XLA releases the GIL while it compiles, so a candidate's eval-mode programs compile
@@ -440,7 +505,8 @@ def precompile_forward(
     """Start compiling `compiled_forward(arch, depthwise, batch=batch)` in the background.
 
     `train_and_evaluate` waits for it (with its own eval step) before training starts, so
-    the compile overlaps the train step's and not the training.
+    the compile overlaps the train step's and not the training. The future's value has the
+    executable as `.step` and its `CompileTimes` as `.times`.
     """
     depthwise = depthwise or default_depthwise_impl()
     return _COMPILE_POOL.submit(_compile_forward, arch, depthwise, batch)
@@ -452,7 +518,7 @@ def compiled_forward(arch: ArchSpec, depthwise: str | None = None, *, batch: int
 
     Compiled once per architecture, implementation and batch (or by `precompile_forward`).
     """
-    return precompile_forward(arch, depthwise, batch=batch).result()
+    return precompile_forward(arch, depthwise, batch=batch).result().step
 
 
 def _cached_call(fn: Any, *args: Any) -> tuple[Any, float]:

@@ -17,8 +17,9 @@ Cases (`--cases` takes names or shell patterns):
 Frameworks (`--frameworks`), each building the same `ArchSpec.resolve()` layer list:
 
 * `mobisearch`: `build_model` (the backend's default depthwise implementation), NNX's
-  functional form under `jax.jit`, compiled ahead of time (`lower().compile()`). Training
-  is `mobisearch.train._compile_train`, the search's own step (constant learning rate).
+  functional form under `jax.jit`, compiled ahead of time (`lower().compile()`): the
+  search's own programs, `mobisearch.train._compile_forward` (the eval-mode forward that
+  latency is measured on) and `_compile_train` (the train step, constant learning rate).
 * `keras`: `keras.applications.MobileNet(weights=None, ...)` on Keras 3's JAX backend, its
   `stateless_call` under `jax.jit`. Inference only: it refuses inputs under 32×32 and
   cannot express a stride-1 stem or a 5×5 depthwise kernel (each skip records why).
@@ -77,17 +78,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from mobisearch.arch import ArchSpec, LayerSpec
 from mobisearch.cost import count_cost
 from mobisearch.latency import device_fingerprint
-from mobisearch.models import build_model, default_depthwise_impl, split_model
+from mobisearch.models import default_depthwise_impl
 from mobisearch.presets import mobilenet_v1, mobilenet_v1_small
 from mobisearch.space import TrainConfig
 from mobisearch.train import (
+    _compile_forward,
     _compile_train,
-    inference_compiler_options,
+    fresh_split,
+    init_optimizer,
     inline_cpu_dispatch,
     keep_freed_memory,
 )
@@ -261,22 +263,15 @@ def mobisearch_runner(case: Case, impl: str | None = None) -> Runner:
     x, y = _jax_inputs(case)
     device = str(jax.devices()[0].device_kind)
     if case.kind == "infer":
-        model = build_model(case.arch, rngs=nnx.Rngs(0), depthwise=impl)
-        model.eval()
-        graphdef, params, rest = split_model(model)
-
-        def forward(params: Any, rest: Any, x: jax.Array) -> jax.Array:
-            return nnx.merge(graphdef, params, rest)(x)
-
-        t0 = time.perf_counter()
-        options = inference_compiler_options(impl)
-        compiled = jax.jit(forward).lower(params, rest, x).compile(compiler_options=options)
-        compile_s = time.perf_counter() - t0
+        # The search's own latency program (what `mobisearch.rank` times).
+        forward = _compile_forward(case.arch, impl, case.batch)
+        _, params, rest = fresh_split(case.arch, impl, training=False)
 
         def call() -> Any:
-            return jax.block_until_ready(compiled(params, rest, x))
+            return jax.block_until_ready(forward.step(params, rest, x))
 
-        return Runner(call, device, _first_call(call), compile_s, f"depthwise={impl}")
+        note = f"depthwise={impl}; mobisearch.train._compile_forward's program"
+        return Runner(call, device, _first_call(call), forward.compile_s, note)
 
     cfg = TrainConfig(
         steps=1000,
@@ -289,8 +284,8 @@ def mobisearch_runner(case: Case, impl: str | None = None) -> Runner:
     # The search's own step (arch, recipe, impl, training-set size): the "training set" is
     # one batch and every step takes all of it.
     train = _compile_train(case.arch, cfg, impl, case.batch)
-    _, params, rest = split_model(build_model(case.arch, rngs=nnx.Rngs(0), depthwise=impl))
-    state = [params, rest, train.tx.init(params)]
+    _, params, rest = fresh_split(case.arch, impl, training=True)
+    state = [params, rest, init_optimizer(train.tx, params)]
     idx = jnp.arange(case.batch, dtype=jnp.int32)
 
     def step() -> Any:

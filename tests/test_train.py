@@ -51,6 +51,21 @@ def test_compiles_once_per_architecture(data) -> None:  # type: ignore[no-untype
     assert len(first.loss_curve) == CFG.steps
 
 
+def test_compile_times_split_each_compile() -> None:
+    """Each program's compile is split into its stages; the abstract model is built once
+    per architecture, so only the first program of an architecture pays for it."""
+    arch = small_arch(0.5, resolution=10)
+    first = train._compile_forward(arch, "shift", 3)
+    times = first.times
+    assert min(times.trace_s, times.lower_s, times.xla_s) > 0 and times.graphs_s > 0
+    assert first.compile_s == pytest.approx(
+        times.graphs_s + times.trace_s + times.lower_s + times.xla_s
+    )
+    second = train._compile_eval(arch, "shift", 5)
+    assert second.times.graphs_s < times.graphs_s / 10
+    assert second.times.xla_s > 0
+
+
 def test_same_seed_same_result(data) -> None:  # type: ignore[no-untyped-def]
     a = train.train_and_evaluate(small_arch(), CFG, data, seed=3)
     b = train.train_and_evaluate(small_arch(), CFG, data, seed=3)
@@ -104,7 +119,7 @@ def test_compiled_forward_is_the_eval_mode_model(data) -> None:  # type: ignore[
     result = train.train_and_evaluate(arch, CFG, data, seed=0)
     job = train.precompile_forward(arch, batch=8)
     forward = train.compiled_forward(arch, batch=8)
-    assert job.result() is forward  # the same cached executable, not a second compile
+    assert job.result().step is forward  # the same cached executable, not a second compile
     model = build_model(arch, rngs=nnx.Rngs(0))
     model.eval()
     graphdef, _, _ = nnx.split(model, nnx.Param, ...)
