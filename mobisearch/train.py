@@ -331,7 +331,6 @@ def _timed_graphs(arch: ArchSpec, depthwise: str) -> tuple[_Graphs, float]:
 def _aot_compile(
     fn: Callable[..., Any],
     args: tuple[Any, ...],
-    *,
     start: float,
     graphs_s: float,
     compiler_options: dict[str, str | bool],
@@ -422,14 +421,8 @@ def _compile_train(
         jax.ShapeDtypeStruct((n_train,), jnp.int32),
         jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32),
     )
-    step, times = _aot_compile(
-        train_step,
-        args,
-        start=start,
-        graphs_s=graphs_s,
-        compiler_options=train_compiler_options(),
-        donate_argnums=(0, 1, 2),
-    )
+    options = train_compiler_options()
+    step, times = _aot_compile(train_step, args, start, graphs_s, options, (0, 1, 2))
     return _CompiledTrain(step, times, tx)
 
 
@@ -455,13 +448,8 @@ def _compile_eval(arch: ArchSpec, depthwise: str, batch: int) -> _CompiledEval:
         jax.ShapeDtypeStruct((batch,), jnp.int32),
         jax.ShapeDtypeStruct((batch,), jnp.bool_),
     )
-    step, times = _aot_compile(
-        eval_step,
-        args,
-        start=start,
-        graphs_s=graphs_s,
-        compiler_options=inference_compiler_options(depthwise),
-    )
+    options = inference_compiler_options(depthwise)
+    step, times = _aot_compile(eval_step, args, start, graphs_s, options)
     return _CompiledEval(step, times, batch)
 
 
@@ -477,13 +465,8 @@ def _compile_forward(arch: ArchSpec, depthwise: str, batch: int) -> _Compiled:
 
     r, c = arch.resolution, arch.in_ch
     args = (graphs.params, graphs.rest, jax.ShapeDtypeStruct((batch, r, r, c), jnp.float32))
-    step, times = _aot_compile(
-        forward,
-        args,
-        start=start,
-        graphs_s=graphs_s,
-        compiler_options=inference_compiler_options(depthwise),
-    )
+    options = inference_compiler_options(depthwise)
+    step, times = _aot_compile(forward, args, start, graphs_s, options)
     return _Compiled(step, times)
 
 
