@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -46,12 +47,13 @@ __all__ = [
     "depthwise_backward",
     "depthwise_forward",
     "library_path",
+    "optimizer_update",
     "unavailable_reason",
 ]
 
 _CSRC = pathlib.Path(__file__).parent / "csrc"
 #: The C++ sources compiled into the library, and the header they share.
-SOURCES = (_CSRC / "depthwise.cc", _CSRC / "batchnorm.cc")
+SOURCES = (_CSRC / "depthwise.cc", _CSRC / "batchnorm.cc", _CSRC / "optimizer.cc")
 HEADERS = (_CSRC / "parallel.h",)
 #: Folder for built libraries (default `~/.cache/mobisearch/kernels`).
 KERNEL_DIR_ENV_VAR = "MOBISEARCH_KERNEL_DIR"
@@ -63,6 +65,7 @@ _FWD_AFFINE_TARGET = "mobisearch_depthwise_fwd_affine"
 _BWD_TARGET = "mobisearch_depthwise_bwd"
 _BN_FWD_TARGET = "mobisearch_batch_norm_fwd"
 _BN_BWD_TARGET = "mobisearch_batch_norm_bwd"
+_OPT_TARGET = "mobisearch_optimizer_update"
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
@@ -155,6 +158,7 @@ def _load() -> None:
         (_BWD_TARGET, lib.MobisearchDepthwiseBackward),
         (_BN_FWD_TARGET, lib.MobisearchBatchNormForward),
         (_BN_BWD_TARGET, lib.MobisearchBatchNormBackward),
+        (_OPT_TARGET, lib.MobisearchOptimizerUpdate),
     ):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     _STATE["lib"] = lib  # keep the library loaded
@@ -307,3 +311,59 @@ def batch_norm_backward(
     )
     dx, dscale, dbias = call(x, y, scale, mean, var, g, **_bn_attrs(epsilon, relu))
     return dx, dscale, dbias
+
+
+def optimizer_update(
+    params: Sequence[jax.Array],
+    grads: Sequence[jax.Array],
+    moments: Sequence[Sequence[jax.Array]],
+    coeffs: jax.Array,
+    *,
+    b1: float,
+    b2: float = 0.0,
+    eps: float = 0.0,
+    weight_decay: float,
+    decay: Sequence[bool],
+) -> tuple[list[jax.Array], list[list[jax.Array]]]:
+    """One optimizer step of every float32 parameter array, natively, in one call.
+
+    With two moment lists `(m, v)`, AdamW: `m' = (1-b1)·g + b1·m`, `v' = (1-b2)·g² + b2·v`,
+    `u = (m'/bc1) / (sqrt(v'/bc2) + eps)`; with one `(m,)`, SGD with Nesterov momentum
+    `b1`: `t = g`, `m' = t + b1·m`, `u = t + b1·m'`. Weight decay adds `weight_decay·p` (to
+    `u` for AdamW, to `t` for SGD) for the arrays whose `decay` flag is set. Then
+    `p' = p + (-lr)·u`. The same float32 operations, in the same order, as optax's `adamw`
+    and `chain(add_decayed_weights, sgd(nesterov=True))`. Call `available()` first.
+
+    Args:
+      params, grads: the parameter arrays and their gradients, in the same order.
+      moments: `(m, v)` for AdamW, `(m,)` for SGD, each a list like `params`.
+      coeffs: float32 `[lr, bc1, bc2]` of this step (`bc` = Adam's bias corrections, any
+        value for SGD).
+      b1, b2, eps: Adam's decay rates and epsilon, or SGD's momentum as `b1`.
+      weight_decay: the decay rate.
+      decay: one flag per array.
+
+    Returns:
+      `(new_params, new_moments)`, shaped like `params` and `moments`.
+    """
+    n = len(params)
+    if not (len(grads) == len(decay) == n and moments and all(len(m) == n for m in moments)):
+        raise ValueError("optimizer_update: params, grads, decay and each moment list differ")
+    if len(moments) > 2:
+        raise ValueError("optimizer_update: give (m, v) for AdamW or (m,) for SGD")
+    shapes = [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params]
+    out = jax.ffi.ffi_call(_OPT_TARGET, shapes * (1 + len(moments)))(
+        coeffs,
+        *params,
+        *grads,
+        *(a for m in moments for a in m),
+        adam=np.int32(len(moments) == 2),
+        b1=np.float32(b1),
+        c1=np.float32(1 - b1),
+        b2=np.float32(b2),
+        c2=np.float32(1 - b2),
+        eps=np.float32(eps),
+        weight_decay=np.float32(weight_decay),
+        decay=np.asarray(decay, np.int32),
+    )
+    return list(out[:n]), [list(out[n * (k + 1) : n * (k + 2)]) for k in range(len(moments))]

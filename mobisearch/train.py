@@ -39,6 +39,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from mobisearch import kernels
 from mobisearch.arch import ArchSpec
 from mobisearch.data import cache_dir, image_mean_std, normalize_images, resize_images
 from mobisearch.models import build_model, default_depthwise_impl, split_model
@@ -175,31 +176,120 @@ def keep_freed_memory() -> Iterator[None]:
             mallopt(param, value)
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """The optax optimizer and learning-rate schedule of a training recipe.
-
-    Weight decay applies to kernels only (arrays of rank > 1), not to BatchNorm or biases.
-    """
+def make_schedule(cfg: TrainConfig) -> optax.ScalarOrSchedule:
+    """The learning-rate schedule of a training recipe (optax's)."""
     if cfg.schedule == "warmup_cosine":
-        lr: optax.ScalarOrSchedule = optax.warmup_cosine_decay_schedule(
+        return optax.warmup_cosine_decay_schedule(
             init_value=0.0,
             peak_value=cfg.learning_rate,
             warmup_steps=min(cfg.warmup_steps, max(cfg.steps - 1, 0)),
             decay_steps=max(cfg.steps, 1),
             end_value=cfg.learning_rate * 0.01,
         )
-    else:
-        lr = cfg.learning_rate
+    return cfg.learning_rate
+
+
+# optax.adamw's default decay rates and epsilon, and the SGD momentum of `make_optimizer`.
+_ADAM_B1, _ADAM_B2, _ADAM_EPS, _SGD_MOMENTUM = 0.9, 0.999, 1e-8, 0.9
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """The optax optimizer and learning-rate schedule of a training recipe.
+
+    Weight decay applies to kernels only (arrays of rank > 1), not to BatchNorm or biases.
+    """
+    lr = make_schedule(cfg)
 
     def decay_mask(params: Any) -> Any:
         return jax.tree.map(lambda p: p.ndim > 1, params)
 
     if cfg.optimizer == "adamw":
-        return optax.adamw(lr, weight_decay=cfg.weight_decay, mask=decay_mask)
+        return optax.adamw(
+            lr, _ADAM_B1, _ADAM_B2, _ADAM_EPS, weight_decay=cfg.weight_decay, mask=decay_mask
+        )
     return optax.chain(
         optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
-        optax.sgd(lr, momentum=0.9, nesterov=True),
+        optax.sgd(lr, momentum=_SGD_MOMENTUM, nesterov=True),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class OptaxStep:
+    """`make_optimizer(cfg)` as a train step applies it: `step(grads, state, params) ->
+    (params, state)`, `init(params)` (host zeros, `init_optimizer`) and `shapes(params)`."""
+
+    cfg: TrainConfig
+
+    @functools.cached_property
+    def tx(self) -> optax.GradientTransformation:
+        return make_optimizer(self.cfg)
+
+    def init(self, params: Any) -> Any:
+        return init_optimizer(self.tx, params)
+
+    def shapes(self, params: Any) -> Any:
+        return jax.eval_shape(self.tx.init, params)
+
+    def step(self, grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
+        updates, state = self.tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+
+# NOTE: through optax, XLA:CPU compiles each parameter array's update as its own kernel:
+# ~80 of the ~100 kernels of a MobileNet train step. The train step of mnv1_w050_r28_k5
+# compiled in 1.14-1.24 s with them and 0.37-0.41 s with the update as one opaque call
+# (2-core Xeon, jax 0.10.2, ad hoc), hence `NativeStep`.
+@dataclasses.dataclass(frozen=True)
+class NativeStep(OptaxStep):
+    """`OptaxStep` as one native call per step (`mobisearch.kernels.optimizer_update`, CPU,
+    float32): the same float32 operations in the same order, optax's schedule. The state is
+    `{"count": int32, "moments": [m, v] (AdamW) or [m] (SGD)}`, each a list of arrays in
+    the order of `jax.tree.leaves(params)`."""
+
+    def _moments(self) -> int:
+        return 2 if self.cfg.optimizer == "adamw" else 1
+
+    def shapes(self, params: Any) -> Any:
+        leaves = [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in jax.tree.leaves(params)]
+        count = jax.ShapeDtypeStruct((), jnp.int32)
+        return {"count": count, "moments": [list(leaves) for _ in range(self._moments())]}
+
+    def init(self, params: Any) -> Any:
+        zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), self.shapes(params))
+        return jax.device_put(zeros)
+
+    def step(self, grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
+        leaves, treedef = jax.tree.flatten(params)
+        count = state["count"]
+        lr = make_schedule(self.cfg)
+        inc = count + 1  # Adam's bias corrections count this step, as optax's do
+        coeffs = jnp.stack(
+            [
+                jnp.asarray(lr(count) if callable(lr) else lr, jnp.float32),
+                jnp.asarray(1 - _ADAM_B1**inc, jnp.float32),
+                jnp.asarray(1 - _ADAM_B2**inc, jnp.float32),
+            ]
+        )
+        adam = self.cfg.optimizer == "adamw"
+        new, moments = kernels.optimizer_update(
+            leaves,
+            jax.tree.leaves(grads),
+            state["moments"],
+            coeffs,
+            b1=_ADAM_B1 if adam else _SGD_MOMENTUM,
+            b2=_ADAM_B2 if adam else 0.0,
+            eps=_ADAM_EPS if adam else 0.0,
+            weight_decay=self.cfg.weight_decay,
+            decay=[p.ndim > 1 for p in leaves],
+        )
+        return jax.tree.unflatten(treedef, new), {"count": inc, "moments": moments}
+
+
+def optimizer_step(cfg: TrainConfig, depthwise: str) -> OptaxStep:
+    """The optimizer of a model built with `depthwise`: `NativeStep` where that build runs
+    native kernels (CPU, kernels available), optax's otherwise."""
+    native = depthwise == "native" and jax.default_backend() == "cpu" and kernels.available()
+    return NativeStep(cfg) if native else OptaxStep(cfg)
 
 
 def init_optimizer(tx: optax.GradientTransformation, params: Any) -> Any:
@@ -314,7 +404,7 @@ class _Compiled:
 
 @dataclasses.dataclass(frozen=True)
 class _CompiledTrain(_Compiled):
-    tx: optax.GradientTransformation
+    optimizer: OptaxStep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,7 +485,7 @@ def _compile_train(
     graphs, graphs_s = _timed_graphs(arch, depthwise)
     start = time.perf_counter()
     graphdef, params, rest = graphs.train, graphs.params, graphs.rest
-    tx = make_optimizer(cfg)
+    optimizer = optimizer_step(cfg, depthwise)
 
     def train_step(params, rest, opt_state, x_all, y_all, idx):  # type: ignore[no-untyped-def]
         TRACE_COUNTS["train_step"] += 1
@@ -409,21 +499,21 @@ def _compile_train(
             return loss, nnx.state(model, nnx.Not(nnx.Param))
 
         (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), rest, opt_state, loss
+        params, opt_state = optimizer.step(grads, opt_state, params)
+        return params, rest, opt_state, loss
 
     r, c = arch.resolution, arch.in_ch
     args = (
         params,
         rest,
-        jax.eval_shape(tx.init, params),
+        optimizer.shapes(params),
         jax.ShapeDtypeStruct((n_train, r, r, c), jnp.float32),
         jax.ShapeDtypeStruct((n_train,), jnp.int32),
         jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32),
     )
     options = train_compiler_options()
     step, times = _aot_compile(train_step, args, start, graphs_s, options, (0, 1, 2))
-    return _CompiledTrain(step, times, tx)
+    return _CompiledTrain(step, times, optimizer)
 
 
 @functools.lru_cache(maxsize=32)
@@ -620,7 +710,7 @@ def train_and_evaluate(
     compile_s = time.perf_counter() - t0 if compile_train_s or compile_eval_s else 0.0
 
     _, params, rest = fresh_split(arch, depthwise, training=True, seed=seed)
-    opt_state = init_optimizer(train.tx, params)
+    opt_state = train.optimizer.init(params)
     rng = np.random.default_rng(seed)
     x_dev = jax.device_put(x_train)
     y_dev = jax.device_put(data.y_train.astype(np.int32))

@@ -89,7 +89,6 @@ from mobisearch.train import (
     _compile_forward,
     _compile_train,
     fresh_split,
-    init_optimizer,
     inline_cpu_dispatch,
     keep_freed_memory,
 )
@@ -285,7 +284,7 @@ def mobisearch_runner(case: Case, impl: str | None = None) -> Runner:
     # one batch and every step takes all of it.
     train = _compile_train(case.arch, cfg, impl, case.batch)
     _, params, rest = fresh_split(case.arch, impl, training=True)
-    state = [params, rest, init_optimizer(train.tx, params)]
+    state = [params, rest, train.optimizer.init(params)]
     idx = jnp.arange(case.batch, dtype=jnp.int32)
 
     def step() -> Any:

@@ -249,7 +249,7 @@ arch = mobilenet_v1_small(0.25, 28, 3)  # ~130 MB of temporaries per step at bat
 cfg = TrainConfig(steps=10, batch_size=128, eval_batch_size=128)
 compiled = train._compile_train(arch, cfg, "shift", 128)
 _, params, rest = train.fresh_split(arch, "shift", training=True)
-state = (params, rest, compiled.tx.init(params))
+state = (params, rest, compiled.optimizer.init(params))
 x, y = jnp.zeros((128, 28, 28, 1)), jnp.zeros(128, jnp.int32)
 idx = jnp.arange(128, dtype=jnp.int32)
 
@@ -319,3 +319,51 @@ def test_eval_programs_of_native_models_compile_without_ynnpack_fusions() -> Non
     assert "ynn_fusion" not in train._compile_eval(arch, "native", 8).step.as_text()
     # The shift-and-add build keeps XLA's default, which hands fusions to YNNPACK.
     assert "ynn_fusion" in train.compiled_forward(arch, "shift", batch=2).as_text()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_native_optimizer_step_matches_optax(optimizer: str) -> None:
+    """One native call per step does what optax's AdamW / SGD do: same schedule, same
+    weight-decay mask, same moments, to float32 rounding, over steps of the warm-up and
+    the cosine decay."""
+    if jax.default_backend() != "cpu" or not kernels.available():
+        pytest.skip("needs the CPU backend and the native kernels")
+    cfg = dataclasses.replace(CFG, optimizer=optimizer, weight_decay=0.05)
+    native, reference = train.optimizer_step(cfg, "native"), train.optimizer_step(cfg, "shift")
+    assert isinstance(native, train.NativeStep) and not isinstance(reference, train.NativeStep)
+    _, params, _ = train.fresh_split(small_arch(), "native", training=True)
+    state_n, state_r = native.init(params), reference.init(params)
+    p_n = p_r = params
+    step_n, step_r = jax.jit(native.step), jax.jit(reference.step)
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        grads = jax.tree.map(lambda p: rng.standard_normal(p.shape).astype(np.float32), params)
+        p_n, state_n = step_n(grads, state_n, p_n)
+        p_r, state_r = step_r(grads, state_r, p_r)
+    moved = 0.0
+    leaves = zip(jax.tree.leaves(p_n), jax.tree.leaves(p_r), jax.tree.leaves(params), strict=True)
+    for a, b, p0 in leaves:
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        moved = max(moved, float(np.max(np.abs(np.asarray(b) - np.asarray(p0)))))
+    assert moved > 1e-3  # the steps did move the parameters
+    assert int(state_n["count"]) == 6
+
+
+def test_native_train_step_updates_every_parameter_in_one_call() -> None:
+    if jax.default_backend() != "cpu" or not kernels.available():
+        pytest.skip("needs the CPU backend and the native kernels")
+    arch = small_arch(0.5, resolution=14)
+    hlo = train._compile_train(arch, CFG, "native", 64).step.as_text()
+    assert hlo.count('custom_call_target="mobisearch_optimizer_update"') == 1
+    shift = train._compile_train(arch, CFG, "shift", 64).step.as_text()
+    assert "mobisearch_optimizer_update" not in shift
+    with pytest.raises(ValueError, match="differ"):
+        kernels.optimizer_update(
+            [jax.numpy.zeros(3)],
+            [],
+            [[jax.numpy.zeros(3)]],
+            jax.numpy.zeros(3),
+            b1=0.9,
+            weight_decay=0.0,
+            decay=[True],
+        )
