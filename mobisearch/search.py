@@ -19,11 +19,14 @@ tested with a cost-only fake in well under a second.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import socket
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 import optuna
@@ -167,6 +170,20 @@ def open_or_create_study(
     return study
 
 
+@contextlib.contextmanager
+def _deferred_sigint() -> Iterator[list[int]]:
+    """Hold Ctrl-C (SIGINT) off inside; the yielded list then holds it if one came."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield caught
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -289,11 +306,15 @@ def run_search(
     while True:
         if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             break
-        trial = study.ask()
+        with _deferred_sigint() as interrupted:
+            trial = study.ask()
         # From here until it is told, a Ctrl-C anywhere (not only during `evaluate`) must
         # leave the trial failed as "interrupted": a RUNNING trial without its worker
-        # attribute could not be recovered, and the rerun would never retry it.
+        # attribute could not be recovered, and the rerun would never retry it. A Ctrl-C
+        # during `ask` (which turns a queued trial RUNNING) is held until it returns.
         try:
+            if interrupted:
+                raise KeyboardInterrupt
             if not _run_trial(study, trial, by_id, total, evaluate, on_start, on_done):
                 break
         except KeyboardInterrupt:

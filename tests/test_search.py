@@ -241,3 +241,15 @@ def test_recipe_mismatch_refuses_and_keeps_the_study(tmp_path, space) -> None:  
 def test_default_study_name(space) -> None:  # type: ignore[no-untyped-def]
     assert search.default_study_name(space, 20_000_000, None) == "quick-macs20M"
     assert search.default_study_name(space, None, None) == "quick"
+
+
+def test_ctrl_c_during_ask_is_held_until_it_returns() -> None:
+    """`study.ask()` turns a queued trial RUNNING; a Ctrl-C inside it would leave that trial
+    RUNNING without a worker, never retried. It is held and reported after."""
+    before = signal.getsignal(signal.SIGINT)
+    with search._deferred_sigint() as caught:
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # let the handler run: no KeyboardInterrupt here
+            pass
+    assert caught == [signal.SIGINT]
+    assert signal.getsignal(signal.SIGINT) is before
