@@ -86,7 +86,7 @@ def _cxx() -> str:
 
 def _compile_command(source: pathlib.Path, output: pathlib.Path) -> list[str]:
     """Compile one source to an object file."""
-    flags = ["-O3", "-march=native", "-std=c++17", "-fPIC", "-w"]
+    flags = ["-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-fPIC", "-w"]
     return [_cxx(), *flags, f"-I{jax.ffi.include_dir()}", "-c", str(source), "-o", str(output)]
 
 
