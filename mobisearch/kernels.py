@@ -3,7 +3,9 @@
 XLA:CPU has no fast depthwise convolution (see `mobisearch.models.DEPTHWISE_IMPLS`), so
 `csrc/depthwise.cc` implements its forward and backward pass as two XLA FFI handlers.
 `csrc/batchnorm.cc` does the same for training-mode BatchNorm with its ReLU, which XLA
-otherwise compiles as a dozen separate fusions per layer. The first call of `available()`
+otherwise compiles as a dozen separate fusions per layer, and `csrc/optimizer.cc` for a
+train step's whole AdamW or SGD update, which XLA otherwise compiles as one kernel per
+parameter array. The first call of `available()`
 compiles them with the system C++ compiler against the FFI headers that ship with jaxlib
 (`jax.ffi.include_dir()`), caches the shared library, loads it and registers the handlers
 for the `cpu` platform. Nothing is downloaded.
