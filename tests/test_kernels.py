@@ -216,3 +216,17 @@ def test_batch_norm_matches_flax(shape: tuple[int, ...], relu: bool) -> None:
     # Sums are added per chunk in a fixed order: bitwise stable.
     again = backward(x, y, scale, mean, var, g)
     assert all(jnp.array_equal(a, b) for a, b in zip((dx, dscale, dbias), again, strict=True))
+
+
+def test_optimizer_update_arguments_go_together() -> None:
+    """Every parameter needs its gradient, moments and decay flag."""
+    with pytest.raises(ValueError, match="differ"):
+        kernels.optimizer_update(
+            [jnp.zeros(3)],
+            [],
+            [[jnp.zeros(3)]],
+            jnp.zeros(3),
+            b1=0.9,
+            weight_decay=0.0,
+            decay=[True],
+        )
