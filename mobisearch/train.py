@@ -193,6 +193,17 @@ def make_schedule(cfg: TrainConfig) -> optax.ScalarOrSchedule:
 _ADAM_B1, _ADAM_B2, _ADAM_EPS, _SGD_MOMENTUM = 0.9, 0.999, 1e-8, 0.9
 
 
+def _decays(param: Any) -> bool:
+    """Whether weight decay applies: to kernels (rank > 1), not to BatchNorm or biases."""
+    return bool(param.ndim > 1)
+
+
+def _host_zeros(shapes: Any) -> Any:
+    """Device arrays of zeros shaped like the `jax.ShapeDtypeStruct` leaves of `shapes`,
+    filled on the host (one transfer per leaf, nothing compiled)."""
+    return jax.device_put(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     """The optax optimizer and learning-rate schedule of a training recipe.
 
@@ -201,7 +212,7 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     lr = make_schedule(cfg)
 
     def decay_mask(params: Any) -> Any:
-        return jax.tree.map(lambda p: p.ndim > 1, params)
+        return jax.tree.map(_decays, params)
 
     if cfg.optimizer == "adamw":
         return optax.adamw(
@@ -240,11 +251,13 @@ class OptaxStep:
 # compiled in 1.14-1.24 s with them and 0.37-0.41 s with the update as one opaque call
 # (2-core Xeon, jax 0.10.2, ad hoc), hence `NativeStep`.
 @dataclasses.dataclass(frozen=True)
-class NativeStep(OptaxStep):
+class NativeStep:
     """`OptaxStep` as one native call per step (`mobisearch.kernels.optimizer_update`, CPU,
     float32): the same float32 operations in the same order, optax's schedule. The state is
     `{"count": int32, "moments": [m, v] (AdamW) or [m] (SGD)}`, each a list of arrays in
     the order of `jax.tree.leaves(params)`."""
+
+    cfg: TrainConfig
 
     def _moments(self) -> int:
         return 2 if self.cfg.optimizer == "adamw" else 1
@@ -255,8 +268,7 @@ class NativeStep(OptaxStep):
         return {"count": count, "moments": [list(leaves) for _ in range(self._moments())]}
 
     def init(self, params: Any) -> Any:
-        zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), self.shapes(params))
-        return jax.device_put(zeros)
+        return _host_zeros(self.shapes(params))
 
     def step(self, grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
         leaves, treedef = jax.tree.flatten(params)
@@ -280,12 +292,12 @@ class NativeStep(OptaxStep):
             b2=_ADAM_B2 if adam else 0.0,
             eps=_ADAM_EPS if adam else 0.0,
             weight_decay=self.cfg.weight_decay,
-            decay=[p.ndim > 1 for p in leaves],
+            decay=[_decays(p) for p in leaves],
         )
         return jax.tree.unflatten(treedef, new), {"count": inc, "moments": moments}
 
 
-def optimizer_step(cfg: TrainConfig, depthwise: str) -> OptaxStep:
+def optimizer_step(cfg: TrainConfig, depthwise: str) -> OptaxStep | NativeStep:
     """The optimizer of a model built with `depthwise`: `NativeStep` where that build runs
     native kernels (CPU, kernels available), optax's otherwise."""
     native = depthwise == "native" and jax.default_backend() == "cpu" and kernels.available()
@@ -307,8 +319,7 @@ def init_optimizer(tx: optax.GradientTransformation, params: Any) -> Any:
     probe = tx.init(jax.tree.map(lambda p: jnp.zeros((1,) * p.ndim, p.dtype), params))
     if any(np.any(np.asarray(leaf)) for leaf in jax.tree.leaves(probe)):
         raise ValueError("init_optimizer: the optimizer's state does not start at zero")
-    shapes = jax.eval_shape(tx.init, params)
-    return jax.device_put(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
+    return _host_zeros(jax.eval_shape(tx.init, params))
 
 
 def _loss(logits: jax.Array, labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
@@ -404,7 +415,7 @@ class _Compiled:
 
 @dataclasses.dataclass(frozen=True)
 class _CompiledTrain(_Compiled):
-    optimizer: OptaxStep
+    optimizer: OptaxStep | NativeStep
 
 
 @dataclasses.dataclass(frozen=True)
