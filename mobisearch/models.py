@@ -60,6 +60,9 @@ __all__ = [
     "depthwise_conv",
     "same_pads",
     "split_model",
+    "inference_apply",
+    "inference_shapes",
+    "inference_state",
     "state_size",
 ]
 
@@ -561,9 +564,13 @@ class PointwiseConv(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         """`[b, h, w, C_in] -> [b, h, w, C_out]` (NHWC)."""
-        kernel = self.kernel[...][0, 0]
-        y = jnp.dot(x.reshape(-1, kernel.shape[0]), kernel)
-        return y.reshape(*x.shape[:-1], kernel.shape[1])
+        return _pointwise(x, self.kernel[...])
+
+
+def _pointwise(x: Array, kernel: Array) -> Array:
+    """`[b, h, w, C_in]` times a `(1, 1, C_in, C_out)` kernel, as a 2-D dot on the pixels."""
+    k = kernel[0, 0]
+    return jnp.dot(x.reshape(-1, k.shape[0]), k).reshape(*x.shape[:-1], k.shape[1])
 
 
 class ConvBN(nnx.Module):
@@ -850,3 +857,116 @@ def state_size(model: nnx.Module) -> int:
     """
     state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state))
+
+
+# --- eval-mode inference as one pure function ------------------------------------------
+
+# NOTE: the search's eval step and latency forward compiled the NNX model in eval mode, where
+# each BatchNorm's affine (scale·rsqrt(var + eps), bias - mean·a) was three small fusions of
+# its own: 40 of the 55 fusions of a Fashion-MNIST candidate's forward, ~0.4 s of XLA per
+# program. Computing the affines once on the host (`inference_state`) leaves XLA the convs
+# and one elementwise fusion after each, and compiling needs no model, only the layers.
+
+
+#: `inference_state`'s value: `(kernel, a, b)` per conv layer, then `(kernel, bias)`.
+InferenceState = tuple[tuple[Any, ...], ...]
+
+
+def inference_state(layers: Sequence[LayerSpec], params: Any, rest: Any) -> InferenceState:
+    """A trained `(params, rest)` in the form `inference_apply` takes: every BatchNorm
+    folded to the per-channel affine `y·a + b` of eval mode, computed once, on the host.
+
+    Args:
+      layers: `ArchSpec.resolve()` of the model.
+      params, rest: `split_model` of it (any mode), e.g. `TrainResult.state`.
+
+    Returns:
+      One `(kernel, a, b)` per conv layer (`stem`, `dw`, `pw`) in `layers` order, then
+      `(kernel, bias)` of the head, as device arrays: see `inference_shapes`.
+    """
+    p, r = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+    def at(tree: Any, name: str) -> Any:
+        for key in name.split("/"):
+            tree = tree[int(key) if key.isdigit() else key]
+        return tree
+
+    out: list[tuple[Any, ...]] = []
+    for layer in layers:
+        if layer.op in ("conv", "dw", "pw"):
+            bn, stats = at(p, layer.name)["bn"], at(r, layer.name)["bn"]
+            var = np.asarray(stats["var"], np.float32)
+            a = np.asarray(bn["scale"], np.float32) / np.sqrt(var + np.float32(BN_EPSILON))
+            b = np.asarray(bn["bias"], np.float32) - np.asarray(stats["mean"], np.float32) * a
+            out.append((at(p, layer.name)["conv"]["kernel"], a, b))
+        elif layer.op == "fc":
+            head = at(p, layer.name)
+            out.append((head["kernel"], head["bias"]))
+    return tuple(jax.device_put(out))
+
+
+def inference_shapes(layers: Sequence[LayerSpec]) -> InferenceState:
+    """`inference_state`'s structure and shapes (`jax.ShapeDtypeStruct` float32 leaves),
+    from the layers alone: what the eval programs compile against.
+
+    Examples:
+      >>> from mobisearch.presets import tiny
+      >>> [tuple(s.shape for s in t) for t in inference_shapes(tiny().resolve())][:2]
+      [((3, 3, 3, 8), (8,), (8,)), ((3, 3, 1, 8), (8,), (8,))]
+    """
+
+    def f32(*shape: int) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+    out: list[tuple[jax.ShapeDtypeStruct, ...]] = []
+    for layer in layers:
+        k, i, o = layer.kernel, layer.in_ch, layer.out_ch
+        if layer.op in ("conv", "pw"):
+            out.append((f32(k, k, i, o), f32(o), f32(o)))
+        elif layer.op == "dw":
+            out.append((f32(k, k, 1, o), f32(o), f32(o)))
+        elif layer.op == "fc":
+            out.append((f32(i, o), f32(o)))
+    return tuple(out)
+
+
+def inference_apply(
+    layers: Sequence[LayerSpec], state: InferenceState, x: Array, *, depthwise: str
+) -> Array:
+    """The eval-mode `MobileNet` as a pure function: logits `[b, num_classes]` of NHWC `x`.
+
+    The same network as `build_model(arch, depthwise=depthwise)` in eval mode, with each
+    BatchNorm as the affine `inference_state` computed (equal to float32 rounding). With the
+    native kernels each depthwise conv, its affine and ReLU are one pass, as in `ConvBN`.
+
+    Args:
+      layers: `ArchSpec.resolve()`.
+      state: `inference_state(layers, params, rest)` (or its `inference_shapes` under jit).
+      x: `[b, h, w, in_ch]` float32 images.
+      depthwise: one of `DEPTHWISE_IMPLS`.
+    """
+    convs = [layer for layer in layers if layer.op in ("conv", "dw", "pw")]
+    y, block_in = x, x
+    for layer, (kernel, a, b) in zip(convs, state[:-1], strict=True):
+        if layer.op == "dw":
+            block_in = y
+            if depthwise == "native" and _native_handles(y, kernel):
+                y = _native_dw_affine(y, kernel, a, b, layer.stride, layer.act)
+                continue
+            y = depthwise_conv(y, kernel, stride=layer.stride, impl=depthwise)
+        elif layer.op == "pw":
+            y = _pointwise(y, kernel)
+        else:
+            y = lax.conv_general_dilated(
+                y,
+                kernel,
+                (layer.stride, layer.stride),
+                "SAME",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
+        y = y * a.reshape(1, 1, 1, -1) + b.reshape(1, 1, 1, -1)
+        y = jax.nn.relu(y) if layer.act else y
+        if layer.residual:
+            y = y + block_in
+    kernel, bias = state[-1]
+    return jnp.dot(jnp.mean(y, axis=(1, 2)), kernel) + bias.reshape(1, -1)

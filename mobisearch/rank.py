@@ -21,7 +21,7 @@ from flax import nnx, serialization
 from mobisearch.arch import ArchSpec
 from mobisearch.data import image_mean_std
 from mobisearch.latency import device_fingerprint, measure_latency
-from mobisearch.models import default_depthwise_impl
+from mobisearch.models import default_depthwise_impl, inference_state
 from mobisearch.train import (
     abstract_state,
     compiled_forward,
@@ -46,11 +46,9 @@ def model_latency(
 ) -> dict[str, Any]:
     """Median and spread of one eval-mode forward pass of a trained model, in ms."""
     forward = compiled_forward(arch, depthwise, batch=batch_size)
-    params, rest = state
+    inference = inference_state(arch.resolve(), *state)
     x = jnp.zeros((batch_size, arch.resolution, arch.resolution, arch.in_ch), jnp.float32)
-    lat = measure_latency(
-        forward, params, rest, x, warmup=warmup, iters=iters, batch_size=batch_size
-    )
+    lat = measure_latency(forward, inference, x, warmup=warmup, iters=iters, batch_size=batch_size)
     return {
         "latency_ms": lat.p50_ms,
         "latency_p10_ms": lat.p10_ms,

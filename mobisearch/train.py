@@ -42,7 +42,14 @@ from flax import nnx
 from mobisearch import kernels
 from mobisearch.arch import ArchSpec
 from mobisearch.data import cache_dir, image_mean_std, normalize_images, resize_images
-from mobisearch.models import build_model, default_depthwise_impl, split_model
+from mobisearch.models import (
+    build_model,
+    default_depthwise_impl,
+    inference_apply,
+    inference_shapes,
+    inference_state,
+    split_model,
+)
 
 if TYPE_CHECKING:
     from mobisearch.data import Dataset
@@ -527,47 +534,52 @@ def _compile_train(
     return _CompiledTrain(step, times, optimizer)
 
 
+def _inference_args(arch: ArchSpec, batch: int) -> tuple[Any, jax.ShapeDtypeStruct]:
+    """The abstract `(inference state, images)` an eval-mode program of `arch` compiles for."""
+    r, c = arch.resolution, arch.in_ch
+    x = jax.ShapeDtypeStruct((batch, r, r, c), jnp.float32)
+    return inference_shapes(arch.resolve()), x
+
+
 @functools.lru_cache(maxsize=32)
 def _compile_eval(arch: ArchSpec, depthwise: str, batch: int) -> _CompiledEval:
-    """Trace and compile the eval step (masked, fixed batch) of one architecture, once."""
-    graphs, graphs_s = _timed_graphs(arch, depthwise)
-    start = time.perf_counter()
-    graphdef, params, rest = graphs.eval, graphs.params, graphs.rest
+    """Trace and compile the eval step (masked, fixed batch) of one architecture, once.
 
-    def eval_step(params, rest, x, y, mask):  # type: ignore[no-untyped-def]
+    It takes `mobisearch.models.inference_state` of a trained state (`evaluate` makes it),
+    so compiling needs the layers only, no model."""
+    start = time.perf_counter()
+    layers = arch.resolve()
+
+    def eval_step(state, x, y, mask):  # type: ignore[no-untyped-def]
         TRACE_COUNTS["eval_step"] += 1
-        logits = nnx.merge(graphdef, params, rest)(x)
+        logits = inference_apply(layers, state, x, depthwise=depthwise)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         correct = (jnp.argmax(logits, -1) == y) & mask
         return jnp.sum(correct), jnp.sum(jnp.where(mask, losses, 0.0))
 
-    r, c = arch.resolution, arch.in_ch
+    state, x = _inference_args(arch, batch)
     args = (
-        params,
-        rest,
-        jax.ShapeDtypeStruct((batch, r, r, c), jnp.float32),
+        state,
+        x,
         jax.ShapeDtypeStruct((batch,), jnp.int32),
         jax.ShapeDtypeStruct((batch,), jnp.bool_),
     )
     options = inference_compiler_options(depthwise)
-    step, times = _aot_compile(eval_step, args, start, graphs_s, options)
+    step, times = _aot_compile(eval_step, args, start, 0.0, options)
     return _CompiledEval(step, times, batch)
 
 
 @functools.lru_cache(maxsize=32)
 def _compile_forward(arch: ArchSpec, depthwise: str, batch: int) -> _Compiled:
-    """Trace and compile the eval-mode forward pass `(params, rest, x) -> logits`, once."""
-    graphs, graphs_s = _timed_graphs(arch, depthwise)
+    """Trace and compile the eval-mode forward pass `(inference_state, x) -> logits`, once."""
     start = time.perf_counter()
-    graphdef = graphs.eval
+    layers = arch.resolve()
 
-    def forward(params, rest, x):  # type: ignore[no-untyped-def]
-        return nnx.merge(graphdef, params, rest)(x)
+    def forward(state, x):  # type: ignore[no-untyped-def]
+        return inference_apply(layers, state, x, depthwise=depthwise)
 
-    r, c = arch.resolution, arch.in_ch
-    args = (graphs.params, graphs.rest, jax.ShapeDtypeStruct((batch, r, r, c), jnp.float32))
     options = inference_compiler_options(depthwise)
-    step, times = _aot_compile(forward, args, start, graphs_s, options)
+    step, times = _aot_compile(forward, _inference_args(arch, batch), start, 0.0, options)
     return _Compiled(step, times)
 
 
@@ -598,7 +610,8 @@ def precompile_forward(
 
 def compiled_forward(arch: ArchSpec, depthwise: str | None = None, *, batch: int) -> Any:
     """The compiled eval-mode forward pass of `arch` at a fixed batch size:
-    `fn(params, rest, x) -> logits`, with `x` float32 `[batch, r, r, in_ch]`.
+    `fn(state, x) -> logits`, with `state = mobisearch.models.inference_state(
+    arch.resolve(), params, rest)` of a trained model and `x` float32 `[batch, r, r, in_ch]`.
 
     Compiled once per architecture, implementation and batch (or by `precompile_forward`).
     """
@@ -658,14 +671,14 @@ def evaluate(
       `(accuracy, loss)`.
     """
     depthwise = depthwise or default_depthwise_impl()
-    params, rest = state
     compiled = _compile_eval(arch, depthwise, min(cfg.eval_batch_size, len(x)))
-    return _evaluate(compiled, params, rest, prepare_images(x, arch.resolution, stats), y)
+    return _evaluate(compiled, arch, state, prepare_images(x, arch.resolution, stats), y)
 
 
 def _evaluate(
-    compiled: _CompiledEval, params: Any, rest: Any, x: np.ndarray, y: np.ndarray
+    compiled: _CompiledEval, arch: ArchSpec, state: Any, x: np.ndarray, y: np.ndarray
 ) -> tuple[float, float]:
+    inference = inference_state(arch.resolve(), *state)
     n = compiled.batch
     correct, loss_sum = 0, 0.0
     for start in range(0, len(x), n):
@@ -676,7 +689,7 @@ def _evaluate(
             # Pad the last batch to the compiled shape instead of compiling another one.
             xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
             yb = np.concatenate([yb, np.zeros(pad, yb.dtype)])
-        c, ls = compiled.step(params, rest, xb, yb.astype(np.int32), mask)
+        c, ls = compiled.step(inference, xb, yb.astype(np.int32), mask)
         correct += int(c)
         loss_sum += float(ls)
     return correct / len(x), loss_sum / len(x)
@@ -756,7 +769,7 @@ def train_and_evaluate(
             eval_s=0.0,
         )
     t0 = time.perf_counter()
-    acc, val_loss = _evaluate(ev, params, rest, x_val, data.y_val)
+    acc, val_loss = _evaluate(ev, arch, (params, rest), x_val, data.y_val)
     return TrainResult(
         status="ok",
         val_accuracy=acc,

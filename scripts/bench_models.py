@@ -82,7 +82,7 @@ import jax.numpy as jnp
 from mobisearch.arch import ArchSpec, LayerSpec
 from mobisearch.cost import count_cost
 from mobisearch.latency import device_fingerprint
-from mobisearch.models import default_depthwise_impl
+from mobisearch.models import default_depthwise_impl, inference_state
 from mobisearch.presets import mobilenet_v1, mobilenet_v1_small
 from mobisearch.space import TrainConfig
 from mobisearch.train import (
@@ -265,9 +265,10 @@ def mobisearch_runner(case: Case, impl: str | None = None) -> Runner:
         # The search's own latency program (what `mobisearch.rank` times).
         forward = _compile_forward(case.arch, impl, case.batch)
         _, params, rest = fresh_split(case.arch, impl, training=False)
+        inference = inference_state(case.arch.resolve(), params, rest)
 
         def call() -> Any:
-            return jax.block_until_ready(forward.step(params, rest, x))
+            return jax.block_until_ready(forward.step(inference, x))
 
         note = f"depthwise={impl}; mobisearch.train._compile_forward's program"
         return Runner(call, device, _first_call(call), forward.compile_s, note)

@@ -28,6 +28,9 @@ from mobisearch.models import (
     build_model,
     default_depthwise_impl,
     depthwise_conv,
+    inference_apply,
+    inference_shapes,
+    inference_state,
     same_pads,
     state_size,
 )
@@ -461,6 +464,31 @@ def test_native_eval_mode_fuses_batch_norm_and_matches_shift() -> None:
     _assert_close(native(x), shift(x), "eval logits", rtol=1e-5)
     grads = [jax.grad(lambda x, m=m: m(x).sum())(x) for m in (native, shift)]
     _assert_close(grads[0], grads[1], "eval d logits / d x", rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["native", "shift", "grouped"])
+def test_inference_apply_is_the_eval_mode_model(impl: str) -> None:
+    """The pure eval-mode forward on the host-folded BatchNorm affines computes what the
+    NNX model computes in eval mode (stride 1 and 2, `ds` residuals, kernels 1/3/5), and
+    `inference_shapes` gives the structure and shapes of `inference_state`."""
+    if impl == "native" and not kernels.available():
+        pytest.skip("native kernels unavailable")
+    x = _images(MIXED, 3, seed=2)
+    model = build_model(MIXED, rngs=nnx.Rngs(0), depthwise=impl)
+    _forward(model, x)  # running averages away from (0, 1)
+    model.eval()
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    layers = MIXED.resolve()
+    state = inference_state(layers, params, rest)
+    shapes = inference_shapes(layers)
+    assert jax.tree.structure(state) == jax.tree.structure(shapes)
+    assert [a.shape for a in jax.tree.leaves(state)] == [s.shape for s in jax.tree.leaves(shapes)]
+    apply = jax.jit(functools.partial(inference_apply, layers, depthwise=impl))
+    _assert_close(apply(state, x), _forward(model, x), f"{impl}: eval logits", rtol=1e-5)
+    if impl == "native":
+        n_dw = sum(layer.op == "dw" for layer in layers)
+        hlo = apply.lower(shapes, x).as_text()
+        assert hlo.count("mobisearch_depthwise_fwd_affine") == n_dw > 0
 
 
 # --- choosing an implementation, errors --------------------------------------------------
