@@ -263,23 +263,44 @@ def _bn_attrs(epsilon: float, relu: bool) -> dict[str, np.float32 | np.int32]:
 
 
 def batch_norm_forward(
-    x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsilon: float, relu: bool
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    x: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    running_mean: jax.Array,
+    running_var: jax.Array,
+    *,
+    epsilon: float,
+    relu: bool,
+    momentum: float,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
     """Training-mode BatchNorm of float32 `x` (channels last) with batch statistics, natively.
 
     `y = act((x - mean) / sqrt(var + epsilon) · scale + bias)`, `act` ReLU if `relu` else
     identity, with `mean` and (biased) `var` over every axis but the last, `var` computed as
-    `E[x²] - E[x]²` (in double) and clipped at 0. Not differentiable by itself:
-    `mobisearch.models.BatchNorm` pairs it with `batch_norm_backward`. Call `available()`
-    first.
+    `E[x²] - E[x]²` (in double) and clipped at 0; and the running averages updated as flax
+    updates them, `momentum · running + (1 - momentum) · batch` in float32. Not
+    differentiable by itself: `mobisearch.models.BatchNorm` pairs it with
+    `batch_norm_backward`. Call `available()` first.
 
     Returns:
-      `(y, mean, var)`: `y` shaped like `x`; `mean` and `var` shaped like `scale`, `[C]`.
+      `(y, mean, var, new_running_mean, new_running_var)`: `y` shaped like `x`, the others
+      like `scale`, `[C]`.
     """
     stat = jax.ShapeDtypeStruct(scale.shape, x.dtype)
-    call = jax.ffi.ffi_call(_BN_FWD_TARGET, (jax.ShapeDtypeStruct(x.shape, x.dtype), stat, stat))
-    y, mean, var = call(x, scale, bias, **_bn_attrs(epsilon, relu))
-    return y, mean, var
+    call = jax.ffi.ffi_call(
+        _BN_FWD_TARGET, (jax.ShapeDtypeStruct(x.shape, x.dtype), stat, stat, stat, stat)
+    )
+    y, mean, var, new_mean, new_var = call(
+        x,
+        scale,
+        bias,
+        running_mean,
+        running_var,
+        **_bn_attrs(epsilon, relu),
+        momentum=np.float32(momentum),
+        keep=np.float32(1 - momentum),
+    )
+    return y, mean, var, new_mean, new_var
 
 
 def batch_norm_backward(

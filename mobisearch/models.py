@@ -440,22 +440,36 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _native_bn(
-    x: Array, scale: Array, bias: Array, epsilon: float, relu: bool
-) -> tuple[Array, Array, Array]:
-    return kernels.batch_norm_forward(x, scale, bias, epsilon=epsilon, relu=relu)
+    x: Array,
+    scale: Array,
+    bias: Array,
+    running_mean: Array,
+    running_var: Array,
+    epsilon: float,
+    relu: bool,
+    momentum: float,
+) -> tuple[Array, Array, Array, Array, Array]:
+    return kernels.batch_norm_forward(
+        x, scale, bias, running_mean, running_var, epsilon=epsilon, relu=relu, momentum=momentum
+    )
 
 
-def _native_bn_fwd(x, scale, bias, epsilon, relu):  # type: ignore[no-untyped-def]
-    y, mean, var = kernels.batch_norm_forward(x, scale, bias, epsilon=epsilon, relu=relu)
-    return (y, mean, var), (x, y, scale, mean, var)
+def _native_bn_fwd(x, scale, bias, running_mean, running_var, epsilon, relu, momentum):  # type: ignore[no-untyped-def]
+    out = _native_bn(x, scale, bias, running_mean, running_var, epsilon, relu, momentum)
+    _, mean, var, _, _ = out
+    return out, (x, out[0], scale, mean, var)
 
 
-def _native_bn_bwd(epsilon, relu, res, cts):  # type: ignore[no-untyped-def]
+def _native_bn_bwd(epsilon, relu, momentum, res, cts):  # type: ignore[no-untyped-def]
     x, y, scale, mean, var = res
-    # cts[1:] (the statistics) only feed the running averages, under stop_gradient.
-    return kernels.batch_norm_backward(x, y, scale, mean, var, cts[0], epsilon=epsilon, relu=relu)
+    # cts[1:] (statistics, running averages) only feed the running averages, which are not
+    # differentiated (stop_gradient), nor are the old running averages.
+    dx, dscale, dbias = kernels.batch_norm_backward(
+        x, y, scale, mean, var, cts[0], epsilon=epsilon, relu=relu
+    )
+    return dx, dscale, dbias, jnp.zeros_like(mean), jnp.zeros_like(var)
 
 
 _native_bn.defvjp(_native_bn_fwd, _native_bn_bwd)
@@ -484,10 +498,18 @@ class BatchNorm(nnx.BatchNorm):
         in eval mode), scale and shift, then ReLU if `relu`."""
         if self.native and not self.use_running_average and _native_handles(x):
             assert self.scale is not None and self.bias is not None  # use_scale, use_bias
-            y, mean, var = _native_bn(x, self.scale[...], self.bias[...], self.epsilon, relu)
-            m = self.momentum
-            self.mean[...] = lax.stop_gradient(m * self.mean[...] + (1 - m) * mean)
-            self.var[...] = lax.stop_gradient(m * self.var[...] + (1 - m) * var)
+            y, _, _, mean, var = _native_bn(
+                x,
+                self.scale[...],
+                self.bias[...],
+                self.mean[...],
+                self.var[...],
+                self.epsilon,
+                relu,
+                self.momentum,
+            )
+            self.mean[...] = lax.stop_gradient(mean)
+            self.var[...] = lax.stop_gradient(var)
             return y
         y = super().__call__(x)
         return jax.nn.relu(y) if relu else y

@@ -198,7 +198,17 @@ def test_batch_norm_matches_flax(shape: tuple[int, ...], relu: bool) -> None:
     scale = 1.0 + 0.5 * jax.random.normal(ks, (c,))
     bias = 0.5 * jax.random.normal(kb, (c,))
     g = jax.random.normal(kg, shape)
-    forward = jax.jit(lambda x, s, b: kernels.batch_norm_forward(x, s, b, epsilon=1e-5, relu=relu))
+    running_mean, running_var = 0.1 * scale, 1.0 + 0.5 * bias * bias
+
+    def forward(x, s, b):  # type: ignore[no-untyped-def]
+        out = jax.jit(
+            lambda *a: kernels.batch_norm_forward(*a, epsilon=1e-5, relu=relu, momentum=0.9)
+        )(x, s, b, running_mean, running_var)
+        # The running averages, as flax updates them (float32).
+        for new, old, stat in zip(out[3:], (running_mean, running_var), out[1:3], strict=True):
+            np.testing.assert_allclose(new, 0.9 * old + (1 - 0.9) * stat, rtol=1e-6, atol=1e-7)
+        return out[:3]
+
     backward = jax.jit(
         lambda x, y, s, m, v, g: kernels.batch_norm_backward(
             x, y, s, m, v, g, epsilon=1e-5, relu=relu
