@@ -43,6 +43,7 @@ from mobisearch import kernels
 from mobisearch.arch import ArchSpec
 from mobisearch.data import cache_dir, image_mean_std, normalize_images, resize_images
 from mobisearch.models import (
+    abstract_split,
     build_model,
     default_depthwise_impl,
     inference_apply,
@@ -94,21 +95,21 @@ CACHE_ENV_VAR = "MOBISEARCH_CACHE_DIR"
 
 
 def enable_compilation_cache(
-    path: str | os.PathLike[str] | None = None, *, min_compile_time_s: float = 0.1
+    path: str | os.PathLike[str] | None = None, *, min_compile_time_s: float = 0.05
 ) -> pathlib.Path:
     """Turn on JAX's persistent compilation cache, so a rerun compiles nothing again.
 
-    Compiled train and eval steps are stored on disk, keyed by the program and the backend;
-    re-running a search, or a later search over the same architectures and recipe, loads
-    them instead of compiling.
+    Compiled train steps and forward passes are stored on disk, keyed by the program and
+    the backend; re-running a search, or a later search over the same architectures and
+    recipe, loads them instead of compiling.
 
     Args:
       path: the cache folder; default `$MOBISEARCH_CACHE_DIR`, else
         `$XDG_CACHE_HOME/mobisearch/jax` (`~/.cache/mobisearch/jax`).
       min_compile_time_s: programs that compile faster are not cached (JAX's own
-        threshold is 1 s). A candidate's eval step and latency forward compile in
-        0.25-0.35 s on 2 cores, so the default of 0.1 s caches them with the train step,
-        while eager JAX's small per-shape programs stay out of the cache.
+        threshold is 1 s). A candidate's eval-mode forward passes compile in 0.10-0.25 s
+        on 2 cores, so the default of 0.05 s caches them with the train step, while eager
+        JAX's small per-shape programs (~0.03 s) stay out of the cache.
 
     Returns:
       The folder used.
@@ -337,7 +338,7 @@ def _loss(logits: jax.Array, labels: jax.Array, num_classes: int, smoothing: flo
 
 
 # Counts how often each step function is traced: the no-recompilation test reads it.
-TRACE_COUNTS: dict[str, int] = {"train_step": 0, "eval_step": 0}
+TRACE_COUNTS: dict[str, int] = {"train_step": 0, "forward": 0}
 
 
 def fresh_split(
@@ -358,27 +359,20 @@ def fresh_split(
 
 @dataclasses.dataclass(frozen=True)
 class _Graphs:
-    """The static graphs of one architecture in both modes, and its abstract state."""
+    """The static graph of one architecture in training mode, and its abstract state."""
 
     train: Any
-    eval: Any
     params: Any  # ShapeDtypeStruct leaves
     rest: Any
 
 
 @functools.lru_cache(maxsize=64)
 def _graphs(arch: ArchSpec, depthwise: str) -> _Graphs:
-    """Build `arch` once, abstractly (`nnx.eval_shape`), for everything that only needs its
-    graph and shapes: compiling the train, eval and forward programs.
-
-    Building a model is ~0.2 s of Python; a candidate needed it four times.
-    """
-    model = nnx.eval_shape(lambda: build_model(arch, rngs=nnx.Rngs(0), depthwise=depthwise))
-    model.train()
-    graph_train, params, rest = split_model(model)
-    model.eval()
-    graph_eval, _, _ = split_model(model)
-    return _Graphs(graph_train, graph_eval, params, rest)
+    """`split_model` of the abstract model (`mobisearch.models.abstract_split`, which
+    `build_model` shares), for what needs only the graph and shapes: compiling the train
+    step, restoring a checkpoint."""
+    graph_train, params, rest = split_model(nnx.merge(*abstract_split(arch, depthwise=depthwise)))
+    return _Graphs(graph_train, params, rest)
 
 
 def abstract_state(arch: ArchSpec, depthwise: str | None = None) -> tuple[Any, Any]:
@@ -423,11 +417,6 @@ class _Compiled:
 @dataclasses.dataclass(frozen=True)
 class _CompiledTrain(_Compiled):
     optimizer: OptaxStep | NativeStep
-
-
-@dataclasses.dataclass(frozen=True)
-class _CompiledEval(_Compiled):
-    batch: int
 
 
 def _timed_graphs(arch: ArchSpec, depthwise: str) -> tuple[_Graphs, float]:
@@ -542,40 +531,18 @@ def _inference_args(arch: ArchSpec, batch: int) -> tuple[Any, jax.ShapeDtypeStru
 
 
 @functools.lru_cache(maxsize=32)
-def _compile_eval(arch: ArchSpec, depthwise: str, batch: int) -> _CompiledEval:
-    """Trace and compile the eval step (masked, fixed batch) of one architecture, once.
-
-    It takes `mobisearch.models.inference_state` of a trained state (`evaluate` makes it),
-    so compiling needs the layers only, no model."""
-    start = time.perf_counter()
-    layers = arch.resolve()
-
-    def eval_step(state, x, y, mask):  # type: ignore[no-untyped-def]
-        TRACE_COUNTS["eval_step"] += 1
-        logits = inference_apply(layers, state, x, depthwise=depthwise)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        correct = (jnp.argmax(logits, -1) == y) & mask
-        return jnp.sum(correct), jnp.sum(jnp.where(mask, losses, 0.0))
-
-    state, x = _inference_args(arch, batch)
-    args = (
-        state,
-        x,
-        jax.ShapeDtypeStruct((batch,), jnp.int32),
-        jax.ShapeDtypeStruct((batch,), jnp.bool_),
-    )
-    options = inference_compiler_options(depthwise)
-    step, times = _aot_compile(eval_step, args, start, 0.0, options)
-    return _CompiledEval(step, times, batch)
-
-
-@functools.lru_cache(maxsize=32)
 def _compile_forward(arch: ArchSpec, depthwise: str, batch: int) -> _Compiled:
-    """Trace and compile the eval-mode forward pass `(inference_state, x) -> logits`, once."""
+    """Trace and compile the eval-mode forward pass `(inference_state, x) -> logits`, once
+    per batch size: at the latency batch for `mobisearch.rank`, and at the eval batch for
+    `evaluate` (which counts the correct answers and the loss on the host).
+
+    It takes `mobisearch.models.inference_state` of a trained state, so compiling needs the
+    layers only, no model."""
     start = time.perf_counter()
     layers = arch.resolve()
 
     def forward(state, x):  # type: ignore[no-untyped-def]
+        TRACE_COUNTS["forward"] += 1
         return inference_apply(layers, state, x, depthwise=depthwise)
 
     options = inference_compiler_options(depthwise)
@@ -671,27 +638,27 @@ def evaluate(
       `(accuracy, loss)`.
     """
     depthwise = depthwise or default_depthwise_impl()
-    compiled = _compile_eval(arch, depthwise, min(cfg.eval_batch_size, len(x)))
-    return _evaluate(compiled, arch, state, prepare_images(x, arch.resolution, stats), y)
+    n = min(cfg.eval_batch_size, len(x))
+    compiled = _compile_forward(arch, depthwise, n)
+    return _evaluate(compiled, n, arch, state, prepare_images(x, arch.resolution, stats), y)
 
 
 def _evaluate(
-    compiled: _CompiledEval, arch: ArchSpec, state: Any, x: np.ndarray, y: np.ndarray
+    compiled: _Compiled, n: int, arch: ArchSpec, state: Any, x: np.ndarray, y: np.ndarray
 ) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of `state` on prepared images `x`, by the compiled
+    forward at batch `n`; the last batch is padded to `n` instead of compiling another."""
     inference = inference_state(arch.resolve(), *state)
-    n = compiled.batch
     correct, loss_sum = 0, 0.0
     for start in range(0, len(x), n):
         xb, yb = x[start : start + n], y[start : start + n]
-        pad = n - len(xb)
-        mask = np.arange(n) < len(xb)
-        if pad:
-            # Pad the last batch to the compiled shape instead of compiling another one.
-            xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
-            yb = np.concatenate([yb, np.zeros(pad, yb.dtype)])
-        c, ls = compiled.step(inference, xb, yb.astype(np.int32), mask)
-        correct += int(c)
-        loss_sum += float(ls)
+        if len(xb) < n:
+            xb = np.concatenate([xb, np.zeros((n - len(xb), *xb.shape[1:]), xb.dtype)])
+        logits = np.asarray(compiled.step(inference, xb), np.float64)[: len(yb)]
+        top = logits.max(axis=1, keepdims=True)
+        log_z = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
+        correct += int(np.sum(np.argmax(logits, axis=1) == yb))
+        loss_sum += float(np.sum(log_z - logits[np.arange(len(yb)), yb]))
     return correct / len(x), loss_sum / len(x)
 
 
@@ -724,9 +691,8 @@ def train_and_evaluate(
     x_train = prepare_images(data.x_train, arch.resolution, stats)
     x_val = prepare_images(data.x_val, arch.resolution, stats)
     t0 = time.perf_counter()
-    eval_job = _COMPILE_POOL.submit(
-        _cached_call, _compile_eval, arch, depthwise, min(cfg.eval_batch_size, len(x_val))
-    )
+    eval_batch = min(cfg.eval_batch_size, len(x_val))
+    eval_job = _COMPILE_POOL.submit(_cached_call, _compile_forward, arch, depthwise, eval_batch)
     train, compile_train_s = _cached_call(_compile_train, arch, cfg, depthwise, len(x_train))
     ev, compile_eval_s = eval_job.result()
     # Wall time of the two compiles together (0.0 when both were cached); it includes any
@@ -769,7 +735,7 @@ def train_and_evaluate(
             eval_s=0.0,
         )
     t0 = time.perf_counter()
-    acc, val_loss = _evaluate(ev, arch, (params, rest), x_val, data.y_val)
+    acc, val_loss = _evaluate(ev, eval_batch, arch, (params, rest), x_val, data.y_val)
     return TrainResult(
         status="ok",
         val_accuracy=acc,

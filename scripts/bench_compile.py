@@ -58,14 +58,14 @@ def compile_programs(arch: Any, cfg: Any, depthwise: str, n_train: int, n_val: i
     return `{program: compiled}` (each with `.step` and `.times`)."""
     return {
         "train": train._compile_train(arch, cfg, depthwise, n_train),
-        "eval": train._compile_eval(arch, depthwise, min(cfg.eval_batch_size, n_val)),
+        "eval": train._compile_forward(arch, depthwise, min(cfg.eval_batch_size, n_val)),
         "forward": train._compile_forward(arch, depthwise, batch),
     }
 
 
 def clear_in_memory_caches() -> None:
     """Forget every compiled program in this process, as a new process would."""
-    for fn in (train._compile_train, train._compile_eval, train._compile_forward, train._graphs):
+    for fn in (train._compile_train, train._compile_forward, train._graphs):
         fn.cache_clear()
     jax.clear_caches()
 

@@ -41,8 +41,8 @@ def test_compiles_once_per_architecture(data) -> None:  # type: ignore[no-untype
     before = dict(train.TRACE_COUNTS)
     first = train.train_and_evaluate(arch, CFG, data, seed=0)
     traced = {k: train.TRACE_COUNTS[k] - before[k] for k in before}
-    # 12 steps and 3 eval batches, yet each step function was traced exactly once.
-    assert traced == {"train_step": 1, "eval_step": 1}
+    # 12 steps and 3 eval batches, yet each program was traced exactly once.
+    assert traced == {"train_step": 1, "forward": 1}
     assert first.compile_s > 0
     second = train.train_and_evaluate(arch, CFG, data, seed=1)
     assert {k: train.TRACE_COUNTS[k] - before[k] for k in before} == traced
@@ -85,7 +85,8 @@ def test_divergence_is_reported(data) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_evaluate_matches_a_direct_count(data) -> None:  # type: ignore[no-untyped-def]
-    """The padded, masked eval batches give exactly the unpadded accuracy."""
+    """The padded eval batches give exactly the unpadded accuracy, and optax's mean
+    cross-entropy of the eval-mode model's logits."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -95,8 +96,8 @@ def test_evaluate_matches_a_direct_count(data) -> None:  # type: ignore[no-untyp
     cfg = dataclasses.replace(CFG, eval_batch_size=128)  # 300 = 2 full batches + 44
     result = train.train_and_evaluate(arch, cfg, data, seed=0)
     stats = image_mean_std(data.x_train)
-    acc, _ = train.evaluate(arch, result.state, data.x_val, data.y_val, cfg=cfg, stats=stats)
-    assert acc == result.val_accuracy
+    acc, loss = train.evaluate(arch, result.state, data.x_val, data.y_val, cfg=cfg, stats=stats)
+    assert (acc, loss) == (result.val_accuracy, result.val_loss)
     model = build_model(arch, rngs=nnx.Rngs(0))
     model.eval()
     graphdef, _, _ = nnx.split(model, nnx.Param, ...)
@@ -105,6 +106,9 @@ def test_evaluate_matches_a_direct_count(data) -> None:  # type: ignore[no-untyp
     logits = trained(jnp.asarray(x))
     direct = float(np.mean(np.asarray(jnp.argmax(logits, -1)) == data.y_val))
     assert acc == pytest.approx(direct, abs=1e-9)
+    labels = jnp.asarray(data.y_val, jnp.int32)
+    want = float(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean())
+    assert loss == pytest.approx(want, rel=1e-5)
 
 
 def test_compiled_forward_is_the_eval_mode_model(data) -> None:  # type: ignore[no-untyped-def]
@@ -317,7 +321,6 @@ def test_eval_programs_of_native_models_compile_without_ynnpack_fusions() -> Non
         pytest.skip("needs the CPU backend and the native kernels")
     arch = small_arch()
     assert "ynn_fusion" not in train.compiled_forward(arch, "native", batch=2).as_text()
-    assert "ynn_fusion" not in train._compile_eval(arch, "native", 8).step.as_text()
     # The shift-and-add build keeps XLA's default, which hands fusions to YNNPACK.
     assert "ynn_fusion" in train.compiled_forward(arch, "shift", batch=2).as_text()
 
