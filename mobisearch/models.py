@@ -805,14 +805,27 @@ def build_model(arch: ArchSpec, *, rngs: nnx.Rngs, depthwise: str | None = None)
     return nnx.merge(graphdef, _init_state(state, rngs.params()))
 
 
-# NOTE: building a MobileNet under `nnx.eval_shape` costs 0.14-0.25 s of Python (2-core Xeon,
-# flax 0.12.8, a Fashion-MNIST candidate; over a third of it flax's RNG-counter updates on
-# tracers), and a candidate needed it twice: for its compiled train step and to build the
-# model it trains. Now once, here.
+class _ShapeOnlyRngs:
+    """Stands in for `nnx.Rngs` while a model is built for its shapes only: every stream
+    gives the same key, and no RNG counter is updated."""
+
+    def __init__(self) -> None:
+        self._key = jax.random.key(0)
+
+    def __getattr__(self, stream: str) -> Any:
+        return lambda: self._key
+
+
+# NOTE: building a MobileNet under `nnx.eval_shape` cost 0.14-0.27 s of Python, and a candidate
+# needed it twice: for its compiled train step and to build the model it trains. Most of it
+# was flax updating each RNG stream's counter on a tracer (83 draws, each `getattr(tracer,
+# "sharding")` building JAX's error text); with `_ShapeOnlyRngs` it is 0.05-0.06 s, the same
+# graph and state structure (2-core Xeon, flax 0.12.8, Fashion-MNIST candidates, ad hoc).
+# The values come from `_init_state` anyway. Now once per architecture, here.
 @functools.lru_cache(maxsize=64)
 def _abstract_split(arch: ArchSpec, impl: str) -> tuple[Any, Any]:
     layers = arch.resolve()
-    abstract = nnx.eval_shape(lambda: MobileNet(layers, depthwise=impl, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: MobileNet(layers, depthwise=impl, rngs=_ShapeOnlyRngs()))  # type: ignore[arg-type]
     return nnx.split(abstract)
 
 

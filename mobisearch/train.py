@@ -5,10 +5,10 @@ the rankings are comparable. The loop is NNX's *functional* one: the model is sp
 into a static graph and array state, and a plain `jax.jit` step merges them inside
 (the NNX performance guide shows `nnx.jit` graph traversal dominating small models).
 
-* Compile once per architecture: the train and eval steps are lowered and compiled
-  ahead of time (`jit(...).lower(...).compile()`), so compile time and train time are
-  measured separately, and the compiled executables are cached by the hashable
-  (`ArchSpec`, `TrainConfig`, implementation) key.
+* Compile once per architecture: the train step and the eval-mode forward passes are
+  lowered and compiled ahead of time (`jit(...).lower(...).compile()`), so compile time
+  and train time are measured separately, and the compiled executables are cached by the
+  hashable (`ArchSpec`, `TrainConfig`, implementation) key.
 * The training set lives on the device; each step receives only its batch indices.
 * A loss that turns NaN or infinite ends the run as `status="diverged"` with the reason;
   the search records it and goes on.
@@ -72,8 +72,8 @@ class TrainResult:
       val_loss: mean cross-entropy on the validation split.
       loss_curve: training loss per step (up to the failure).
       steps: optimizer steps taken.
-      compile_s: wall seconds spent compiling the train and eval steps, which compile side
-        by side (0 when cached).
+      compile_s: wall seconds spent compiling the train step and the eval forward, which
+        compile side by side (0 when cached).
       train_s: seconds of training, compile excluded.
       eval_s: seconds of validation.
       state: the trained model state (`nnx.State`), for latency, test evaluation, export.
@@ -477,7 +477,7 @@ _CPU_NATIVE_INFERENCE_COMPILER_OPTIONS: dict[str, str | bool] = {
 def inference_compiler_options(
     depthwise: str, backend: str | None = None
 ) -> dict[str, str | bool]:
-    """XLA compiler options for eval-mode programs (the eval step, forward passes) of a
+    """XLA compiler options for the eval-mode programs (forward passes) of a
     model built with `depthwise`, on `backend` (default: JAX's)."""
     if (backend or jax.default_backend()) == "cpu" and depthwise == "native":
         return dict(_CPU_NATIVE_INFERENCE_COMPILER_OPTIONS)
@@ -554,9 +554,9 @@ def _compile_forward(arch: ArchSpec, depthwise: str, batch: int) -> _Compiled:
 # on this one background thread while the calling thread compiles its train step (2-core
 # Xeon, jax 0.10.2: train+eval compile 5.2-5.7 s -> 4.2-4.5 s with flax's BatchNorm; since
 # the native BatchNorm halved the train step's compile, within noise: 4.1-5.2 s one after
-# the other vs 4.0-5.1 s side by side, train+eval+latency forward). Forward passes compile
-# only here: one thread, so a program asked for while it is compiling waits for that compile
-# instead of starting a second one.
+# the other vs 4.0-5.1 s side by side, train+eval+latency forward). In a search, forward
+# passes compile only here: one thread, so a program asked for while it is compiling waits
+# for that compile instead of starting a second one.
 _COMPILE_POOL = concurrent.futures.ThreadPoolExecutor(
     max_workers=1, thread_name_prefix="mobisearch-compile"
 )
@@ -567,7 +567,7 @@ def precompile_forward(
 ) -> concurrent.futures.Future[Any]:
     """Start compiling `compiled_forward(arch, depthwise, batch=batch)` in the background.
 
-    `train_and_evaluate` waits for it (with its own eval step) before training starts, so
+    `train_and_evaluate` waits for it (with its own eval forward) before training starts, so
     the compile overlaps the train step's and not the training. The future's value has the
     executable as `.step` and its `CompileTimes` as `.times`.
     """
@@ -696,7 +696,7 @@ def train_and_evaluate(
     train, compile_train_s = _cached_call(_compile_train, arch, cfg, depthwise, len(x_train))
     ev, compile_eval_s = eval_job.result()
     # Wall time of the two compiles together (0.0 when both were cached); it includes any
-    # `precompile_forward` queued before the eval step.
+    # `precompile_forward` queued before the eval forward.
     compile_s = time.perf_counter() - t0 if compile_train_s or compile_eval_s else 0.0
 
     _, params, rest = fresh_split(arch, depthwise, training=True, seed=seed)
