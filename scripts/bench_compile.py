@@ -6,11 +6,12 @@ Usage:
 
 For each candidate within the budget, in the search's order, in one process:
 
-1. Its three programs compile one after the other (the search compiles the eval step and
-   the latency forward beside the train step, on a second thread; here they take turns so
-   each one's time is its own), against a persistent compilation cache that starts empty.
-   Each reports `mobisearch.train.CompileTimes`: the abstract model (first program of an
-   architecture only), tracing, lowering and XLA, and the number of XLA fusions.
+1. Its three programs compile one after the other (the search compiles the eval-mode
+   forward at the eval batch and at the latency batch beside the train step, on a second
+   thread; here they take turns so each one's time is its own), against a persistent
+   compilation cache that starts empty. Each reports `mobisearch.train.CompileTimes`: the
+   abstract model (the train step only), tracing, lowering and XLA, and the number of XLA
+   fusions.
 2. It trains with the space's recipe on the real dataset (`train_and_evaluate`, which
    finds its programs compiled): `train_s`, the figure the compile is held against.
 
@@ -54,7 +55,7 @@ def _fusions(compiled: Any) -> int:
 
 
 def compile_programs(arch: Any, cfg: Any, depthwise: str, n_train: int, n_val: int, batch: int):  # type: ignore[no-untyped-def]
-    """Compile the train step, eval step and latency forward of `arch` one after the other;
+    """Compile the train step, eval forward and latency forward of `arch` one after the other;
     return `{program: compiled}` (each with `.step` and `.times`)."""
     return {
         "train": train._compile_train(arch, cfg, depthwise, n_train),
