@@ -813,6 +813,8 @@ class _ShapeOnlyRngs:
         self._key = jax.random.key(0)
 
     def __getattr__(self, stream: str) -> Any:
+        if stream.startswith("_"):
+            raise AttributeError(stream)
         return lambda: self._key
 
 

@@ -25,6 +25,7 @@ from mobisearch.models import (
     DepthwiseConv,
     MobileNet,
     PointwiseConv,
+    abstract_split,
     build_model,
     default_depthwise_impl,
     depthwise_conv,
@@ -464,6 +465,25 @@ def test_native_eval_mode_fuses_batch_norm_and_matches_shift() -> None:
     _assert_close(native(x), shift(x), "eval logits", rtol=1e-5)
     grads = [jax.grad(lambda x, m=m: m(x).sum())(x) for m in (native, shift)]
     _assert_close(grads[0], grads[1], "eval d logits / d x", rtol=1e-4)
+
+
+def test_abstract_split_is_the_model_without_values() -> None:
+    """The cached abstract model (built with a shape-only RNG stand-in) has the graph and
+    state of a model built under `nnx.eval_shape` with real RNG streams, and building
+    models from it leaves it abstract."""
+    graphdef, state = abstract_split(MIXED, depthwise="shift")
+    ref = nnx.eval_shape(lambda: MobileNet(MIXED.resolve(), depthwise="shift", rngs=nnx.Rngs(0)))
+    ref_graphdef, ref_state = nnx.split(ref)
+    assert graphdef == ref_graphdef
+    assert jax.tree.structure(state) == jax.tree.structure(ref_state)
+    assert [(x.shape, x.dtype) for x in jax.tree.leaves(state)] == [
+        (x.shape, x.dtype) for x in jax.tree.leaves(ref_state)
+    ]
+    a = build_model(MIXED, rngs=nnx.Rngs(0), depthwise="shift")
+    b = build_model(MIXED, rngs=nnx.Rngs(1), depthwise="shift")
+    assert abstract_split(MIXED, depthwise="shift")[1] is state
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
+    assert not np.array_equal(a.stem.conv.kernel[...], b.stem.conv.kernel[...])
 
 
 @pytest.mark.parametrize("impl", ["native", "shift", "grouped"])
