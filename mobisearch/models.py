@@ -59,11 +59,11 @@ __all__ = [
     "build_model",
     "default_depthwise_impl",
     "depthwise_conv",
-    "same_pads",
-    "split_model",
     "inference_apply",
     "inference_shapes",
     "inference_state",
+    "same_pads",
+    "split_model",
     "state_size",
 ]
 
@@ -312,11 +312,16 @@ def _native_dw_affine(
     )
 
 
+def _affine(y: Array, scale: Array, shift: Array, relu: bool) -> Array:
+    """`y·scale + shift` per channel of NHWC `y`, then ReLU if `relu`."""
+    y = y * scale.reshape(1, 1, 1, -1) + shift.reshape(1, 1, 1, -1)
+    return jax.nn.relu(y) if relu else y
+
+
 def _dw_affine_reference(
     x: Array, kernel: Array, scale: Array, shift: Array, stride: int, relu: bool
 ) -> Array:
-    y = _native_cvjp(x, kernel, stride) * scale.reshape(1, 1, 1, -1) + shift.reshape(1, 1, 1, -1)
-    return jax.nn.relu(y) if relu else y
+    return _affine(_native_cvjp(x, kernel, stride), scale, shift, relu)
 
 
 def _native_dw_affine_fwd(x, kernel, scale, shift, stride, relu):  # type: ignore[no-untyped-def]
@@ -458,9 +463,11 @@ def _native_bn(
 
 
 def _native_bn_fwd(x, scale, bias, running_mean, running_var, epsilon, relu, momentum):  # type: ignore[no-untyped-def]
-    out = _native_bn(x, scale, bias, running_mean, running_var, epsilon, relu, momentum)
-    _, mean, var, _, _ = out
-    return out, (x, out[0], scale, mean, var)
+    out = kernels.batch_norm_forward(
+        x, scale, bias, running_mean, running_var, epsilon=epsilon, relu=relu, momentum=momentum
+    )
+    y, mean, var, _, _ = out
+    return out, (x, y, scale, mean, var)
 
 
 def _native_bn_bwd(epsilon, relu, momentum, res, cts):  # type: ignore[no-untyped-def]
@@ -1016,8 +1023,7 @@ def inference_apply(
                 "SAME",
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
             )
-        y = y * a.reshape(1, 1, 1, -1) + b.reshape(1, 1, 1, -1)
-        y = jax.nn.relu(y) if layer.act else y
+        y = _affine(y, a, b, layer.act)
         if layer.residual:
             y = y + block_in
     kernel, bias = state[-1]
