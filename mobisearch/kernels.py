@@ -3,9 +3,10 @@
 XLA:CPU has no fast depthwise convolution (see `mobisearch.models.DEPTHWISE_IMPLS`), so
 `csrc/depthwise.cc` implements its forward and backward pass as two XLA FFI handlers.
 `csrc/batchnorm.cc` does the same for training-mode BatchNorm with its ReLU, which XLA
-otherwise compiles as a dozen separate fusions per layer, and `csrc/optimizer.cc` for a
-train step's whole AdamW or SGD update, which XLA otherwise compiles as one kernel per
-parameter array. The first call of `available()`
+otherwise compiles as a dozen separate fusions per layer (and for the eval-mode affine, ReLU
+and residual add that follow a convolution at inference, one fusion per layer otherwise),
+and `csrc/optimizer.cc` for a train step's whole AdamW or SGD update, which XLA otherwise
+compiles as one kernel per parameter array. The first call of `available()`
 compiles them with the system C++ compiler against the FFI headers that ship with jaxlib
 (`jax.ffi.include_dir()`), caches the shared library, loads it and registers the handlers
 for the `cpu` platform. Nothing is downloaded.
@@ -43,6 +44,7 @@ __all__ = [
     "NATIVE_ENV_VAR",
     "HEADERS",
     "SOURCES",
+    "affine",
     "available",
     "batch_norm_backward",
     "batch_norm_forward",
@@ -68,6 +70,8 @@ _BWD_TARGET = "mobisearch_depthwise_bwd"
 _BN_FWD_TARGET = "mobisearch_batch_norm_fwd"
 _BN_BWD_TARGET = "mobisearch_batch_norm_bwd"
 _OPT_TARGET = "mobisearch_optimizer_update"
+_AFFINE_TARGET = "mobisearch_affine"
+_AFFINE_ADD_TARGET = "mobisearch_affine_add"
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
@@ -161,6 +165,8 @@ def _load() -> None:
         (_BN_FWD_TARGET, lib.MobisearchBatchNormForward),
         (_BN_BWD_TARGET, lib.MobisearchBatchNormBackward),
         (_OPT_TARGET, lib.MobisearchOptimizerUpdate),
+        (_AFFINE_TARGET, lib.MobisearchAffine),
+        (_AFFINE_ADD_TARGET, lib.MobisearchAffineAdd),
     ):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     _STATE["lib"] = lib  # keep the library loaded
@@ -334,6 +340,33 @@ def batch_norm_backward(
     )
     dx, dscale, dbias = call(x, y, scale, mean, var, g, **_bn_attrs(epsilon, relu))
     return dx, dscale, dbias
+
+
+def affine(
+    x: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    *,
+    relu: bool,
+    residual: jax.Array | None = None,
+) -> jax.Array:
+    """Eval-mode BatchNorm of float32 `x` (channels last) as its folded affine, natively:
+    `x · scale[c] + shift[c]`, then `max(·, 0)` if `relu`, then `+ residual` if given (the
+    same float32 operations in the same order as XLA's fusion of them). Not differentiable
+    (inference only). Call `available()` first.
+
+    Args:
+      x: `[..., C]` float32.
+      scale, shift: `[C]` float32 each.
+      relu: apply ReLU after the affine.
+      residual: float32 shaped like `x`, added last, or None.
+    """
+    out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    if residual is None:
+        return jax.ffi.ffi_call(_AFFINE_TARGET, out)(x, scale, shift, relu=np.int32(relu))
+    return jax.ffi.ffi_call(_AFFINE_ADD_TARGET, out)(
+        x, scale, shift, residual, relu=np.int32(relu)
+    )
 
 
 def optimizer_update(

@@ -228,6 +228,35 @@ def test_batch_norm_matches_flax(shape: tuple[int, ...], relu: bool) -> None:
     assert all(jnp.array_equal(a, b) for a, b in zip((dx, dscale, dbias), again, strict=True))
 
 
+@needs_native
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "plain"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
+@pytest.mark.parametrize("shape", [(1, 5, 5, 24), (3, 31, 29, 80), (2, 1, 1, 7)])
+def test_affine_is_xla_s_eval_batch_norm_bit_for_bit(
+    shape: tuple[int, ...], relu: bool, residual: bool
+) -> None:
+    """Layers below and above the size that is split over threads (1·5·5·24 floats run on
+    the caller, 3·31·29·80 in chunks of rows), and a channel count no vector width divides:
+    the same float32 result as XLA's fusion of `x·scale + shift`, ReLU, `+ residual`."""
+    kx, ks, kb, kr = jax.random.split(jax.random.key(sum(shape)), 4)
+    c = shape[-1]
+    x = jax.random.normal(kx, shape)
+    scale, shift = jax.random.normal(ks, (c,)), jax.random.normal(kb, (c,))
+    r = jax.random.normal(kr, shape) if residual else None
+
+    def reference(x, scale, shift, r):  # type: ignore[no-untyped-def]
+        y = x * scale.reshape(1, 1, 1, -1) + shift.reshape(1, 1, 1, -1)
+        y = jnp.maximum(y, 0.0) if relu else y
+        return y if r is None else y + r
+
+    got = jax.jit(lambda *a: kernels.affine(*a[:3], relu=relu, residual=a[3]))(x, scale, shift, r)
+    want = jax.jit(reference)(x, scale, shift, r)
+    assert got.shape == shape
+    np.testing.assert_array_equal(got, want)
+    if relu and not residual:
+        assert float(jnp.min(got)) >= 0.0 and float(jnp.min(x)) < 0.0
+
+
 def test_optimizer_update_arguments_go_together() -> None:
     """Every parameter needs its gradient, moments and decay flag."""
     with pytest.raises(ValueError, match="differ"):

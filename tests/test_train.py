@@ -312,6 +312,16 @@ def test_init_optimizer_equals_optax_init(optimizer: str) -> None:
         train.init_optimizer(optax.adagrad(0.1, initial_accumulator_value=0.1), params)
 
 
+def test_compile_options_this_xla_does_not_know_are_left_out() -> None:
+    known = {"xla_dump_hlo_as_text": False}
+    options = {**known, "xla_mobisearch_no_such_option": True}
+    assert train._known(options) == known
+    # On CPU the train step compiles with those of its options that this XLA knows.
+    got = train.train_compiler_options("cpu")
+    assert set(got) <= set(train._CPU_TRAIN_COMPILER_OPTIONS)
+    assert train.train_compiler_options("gpu") == {}
+
+
 def test_eval_programs_of_native_models_compile_without_ynnpack_fusions() -> None:
     off = {"xla_cpu_experimental_ynn_fusion_type": ""}
     assert train.inference_compiler_options("native", "cpu") == off
@@ -320,7 +330,11 @@ def test_eval_programs_of_native_models_compile_without_ynnpack_fusions() -> Non
     if jax.default_backend() != "cpu" or not kernels.available():
         pytest.skip("needs the CPU backend and the native kernels")
     arch = small_arch()
-    assert "ynn_fusion" not in train.compiled_forward(arch, "native", batch=2).as_text()
+    text = train.compiled_forward(arch, "native", batch=2).as_text()
+    assert "ynn_fusion" not in text
+    # Every BatchNorm affine, ReLU and residual add is a native call: the only fusions
+    # left are the head's (global mean, bias), however deep the network.
+    assert text.count(" fusion(") <= 2, text.count(" fusion(")
     # The shift-and-add build keeps XLA's default, which hands fusions to YNNPACK.
     assert "ynn_fusion" in train.compiled_forward(arch, "shift", batch=2).as_text()
 
