@@ -473,7 +473,7 @@ def _native_bn_fwd(x, scale, bias, running_mean, running_var, epsilon, relu, mom
 def _native_bn_bwd(epsilon, relu, momentum, res, cts):  # type: ignore[no-untyped-def]
     x, y, scale, mean, var = res
     # cts[1:] (statistics, running averages) only feed the running averages, which are not
-    # differentiated (stop_gradient), nor are the old running averages.
+    # differentiated (they leave the train step as aux output), nor are the old ones.
     dx, dscale, dbias = kernels.batch_norm_backward(
         x, y, scale, mean, var, cts[0], epsilon=epsilon, relu=relu
     )
@@ -516,8 +516,11 @@ class BatchNorm(nnx.BatchNorm):
                 relu,
                 self.momentum,
             )
-            self.mean[...] = lax.stop_gradient(mean)
-            self.var[...] = lax.stop_gradient(var)
+            # No stop_gradient: the running averages leave the train step as value_and_grad's
+            # aux output, which is not differentiated. `set_value(v)`, not `[...] = v`,
+            # which asks the tracer for its sharding and pays for an error message.
+            self.mean.set_value(mean)
+            self.var.set_value(var)
             return y
         y = super().__call__(x)
         return jax.nn.relu(y) if relu else y
@@ -999,8 +1002,8 @@ def inference_apply(
     native kernels each depthwise conv, its affine and ReLU are one pass, as in `ConvBN`,
     and the affine, ReLU and residual add after every other conv one native call
     (`mobisearch.kernels.affine`) instead of an XLA fusion each: a forward pass then
-    compiled in 0.035-0.05 s instead of 0.11-0.13 s (XLA's part, median of 8 candidates,
-    2-core AMD EPYC, jax 0.10.2).
+    compiled in 0.04-0.055 s instead of 0.11-0.13 s (XLA's part, median of 8 candidates at
+    batch 1000 and 1, 2-core AMD EPYC, jax 0.10.2).
 
     Args:
       layers: `ArchSpec.resolve()`.
