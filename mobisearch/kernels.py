@@ -5,8 +5,9 @@ XLA:CPU has no fast depthwise convolution (see `mobisearch.models.DEPTHWISE_IMPL
 `csrc/batchnorm.cc` does the same for training-mode BatchNorm with its ReLU, which XLA
 otherwise compiles as a dozen separate fusions per layer (and for the eval-mode affine, ReLU
 and residual add that follow a convolution at inference, one fusion per layer otherwise),
-and `csrc/optimizer.cc` for a train step's whole AdamW or SGD update, which XLA otherwise
-compiles as one kernel per parameter array. The first call of `available()`
+`csrc/optimizer.cc` for a train step's whole AdamW or SGD update, which XLA otherwise
+compiles as one kernel per parameter array, and `csrc/loss.cc` for its softmax
+cross-entropy and gradient (a dozen small fusions otherwise). The first call of `available()`
 compiles them with the system C++ compiler against the FFI headers that ship with jaxlib
 (`jax.ffi.include_dir()`), caches the shared library, loads it and registers the handlers
 for the `cpu` platform. Nothing is downloaded.
@@ -35,6 +36,7 @@ import threading
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mobisearch.data import cache_dir
@@ -52,12 +54,18 @@ __all__ = [
     "depthwise_forward",
     "library_path",
     "optimizer_update",
+    "softmax_cross_entropy",
     "unavailable_reason",
 ]
 
 _CSRC = pathlib.Path(__file__).parent / "csrc"
 #: The C++ sources compiled into the library, and the header they share.
-SOURCES = (_CSRC / "depthwise.cc", _CSRC / "batchnorm.cc", _CSRC / "optimizer.cc")
+SOURCES = (
+    _CSRC / "depthwise.cc",
+    _CSRC / "batchnorm.cc",
+    _CSRC / "optimizer.cc",
+    _CSRC / "loss.cc",
+)
 HEADERS = (_CSRC / "parallel.h",)
 #: Folder for built libraries (default `~/.cache/mobisearch/kernels`).
 KERNEL_DIR_ENV_VAR = "MOBISEARCH_KERNEL_DIR"
@@ -72,6 +80,7 @@ _BN_BWD_TARGET = "mobisearch_batch_norm_bwd"
 _OPT_TARGET = "mobisearch_optimizer_update"
 _AFFINE_TARGET = "mobisearch_affine"
 _AFFINE_ADD_TARGET = "mobisearch_affine_add"
+_XENT_TARGET = "mobisearch_softmax_cross_entropy"
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
@@ -167,6 +176,7 @@ def _load() -> None:
         (_OPT_TARGET, lib.MobisearchOptimizerUpdate),
         (_AFFINE_TARGET, lib.MobisearchAffine),
         (_AFFINE_ADD_TARGET, lib.MobisearchAffineAdd),
+        (_XENT_TARGET, lib.MobisearchSoftmaxCrossEntropy),
     ):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     _STATE["lib"] = lib  # keep the library loaded
@@ -423,3 +433,25 @@ def optimizer_update(
         decay=np.asarray(decay, np.int32),
     )
     return list(out[:n]), [list(out[n * (k + 1) : n * (k + 2)]) for k in range(len(moments))]
+
+
+def softmax_cross_entropy(
+    logits: jax.Array, labels: jax.Array, *, smoothing: float = 0.0
+) -> tuple[jax.Array, jax.Array]:
+    """Mean softmax cross-entropy of float32 `[B, C]` logits against int32 `[B]` labels, and
+    its gradient, natively (in double; `csrc/loss.cc`).
+
+    The targets are one-hot, or with `smoothing` optax's `smooth_labels`:
+    `(1 - smoothing)·one_hot + smoothing / C`. Not differentiable by itself:
+    `mobisearch.train` uses the returned gradient in a `jax.custom_vjp`. A label outside
+    `[0, C)` fails the call, naming the row. Call `available()` first.
+
+    Returns:
+      `(loss, dlogits)`: a float32 scalar, and float32 `[B, C]` = d loss / d logits.
+    """
+    call = jax.ffi.ffi_call(
+        _XENT_TARGET,
+        (jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct(logits.shape, jnp.float32)),
+    )
+    loss, dlogits = call(logits, labels.astype(jnp.int32), smoothing=np.float32(smoothing))
+    return loss, dlogits

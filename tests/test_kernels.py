@@ -15,6 +15,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from mobisearch import kernels
@@ -72,7 +73,7 @@ def test_turned_off_by_the_environment(tmp_path: pathlib.Path) -> None:
     assert f"{kernels.NATIVE_ENV_VAR}=0" in reason
 
 
-@pytest.mark.parametrize("which", ["depthwise.cc", "batchnorm.cc", "parallel.h"])
+@pytest.mark.parametrize("which", ["depthwise.cc", "batchnorm.cc", "loss.cc", "parallel.h"])
 def test_library_path_changes_with_the_sources(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, which: str
 ) -> None:
@@ -255,6 +256,36 @@ def test_affine_is_xla_s_eval_batch_norm_bit_for_bit(
     np.testing.assert_array_equal(got, want)
     if relu and not residual:
         assert float(jnp.min(got)) >= 0.0 and float(jnp.min(x)) < 0.0
+
+
+@needs_native
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize(("b", "c"), [(128, 10), (3, 1000)])
+def test_softmax_cross_entropy_matches_optax(b: int, c: int, smoothing: float) -> None:
+    """Loss and gradient of the mean, with large logits (a naive exp would overflow)."""
+    kz, ky = jax.random.split(jax.random.key(b + c))
+    logits = 30.0 * jax.random.normal(kz, (b, c))
+    labels = jax.random.randint(ky, (b,), 0, c)
+
+    def reference(z):  # type: ignore[no-untyped-def]
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, c), smoothing)
+        return optax.softmax_cross_entropy(z, targets).mean()
+
+    loss, dlogits = jax.jit(lambda z, y: kernels.softmax_cross_entropy(z, y, smoothing=smoothing))(
+        logits, labels
+    )
+    want_loss, want_grad = jax.value_and_grad(reference)(logits)
+    assert loss.shape == () and dlogits.shape == (b, c)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    np.testing.assert_allclose(dlogits, want_grad, rtol=1e-4, atol=1e-7)
+
+
+@needs_native
+def test_softmax_cross_entropy_refuses_a_label_out_of_range() -> None:
+    with pytest.raises(Exception, match=r"label 10 of row 1 is not in \[0, 10\)"):
+        jax.block_until_ready(
+            kernels.softmax_cross_entropy(jnp.zeros((2, 10)), jnp.array([0, 10]))
+        )
 
 
 def test_optimizer_update_arguments_go_together() -> None:
