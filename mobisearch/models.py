@@ -927,7 +927,8 @@ def state_size(model: nnx.Module) -> int:
 # each BatchNorm's affine (scale·rsqrt(var + eps), bias - mean·a) was three small fusions of
 # its own: 40 of the 55 fusions of a Fashion-MNIST candidate's forward, ~0.4 s of XLA per
 # program. Computing the affines once on the host (`inference_state`) leaves XLA the convs
-# and one elementwise fusion after each, and compiling needs no model, only the layers.
+# and one elementwise fusion after each (with the native kernels, one native call instead:
+# `inference_apply`), and compiling needs no model, only the layers.
 
 
 #: `inference_state`'s value: `(kernel, a, b)` per conv layer, then `(kernel, bias)`.

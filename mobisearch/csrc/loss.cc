@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -34,6 +35,7 @@ ffi::Error SoftmaxCrossEntropy(ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::S3
   const int32_t* y = labels.typed_data();
   float* dz = dlogits->typed_data();
   const double off = static_cast<double>(smoothing) / C, on = 1.0 - smoothing + off;
+  std::vector<double> e(static_cast<size_t>(C));  // exp(z - max) of the current row
   double total = 0.0;
   for (int64_t b = 0; b < B; ++b) {
     if (y[b] < 0 || y[b] >= C)
@@ -45,12 +47,13 @@ ffi::Error SoftmaxCrossEntropy(ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::S3
     for (int64_t c = 1; c < C; ++c) m = std::max(m, static_cast<double>(zb[c]));
     double s = 0.0, target_dot = 0.0;
     for (int64_t c = 0; c < C; ++c) {
-      s += std::exp(zb[c] - m);
+      e[c] = std::exp(zb[c] - m);
+      s += e[c];
       target_dot += (c == y[b] ? on : off) * zb[c];
     }
     total += m + std::log(s) - target_dot;
     for (int64_t c = 0; c < C; ++c)
-      dz[b * C + c] = static_cast<float>((std::exp(zb[c] - m) / s - (c == y[b] ? on : off)) / B);
+      dz[b * C + c] = static_cast<float>((e[c] / s - (c == y[b] ? on : off)) / B);
   }
   *loss->typed_data() = static_cast<float>(total / B);
   return ffi::Error::Success();
