@@ -445,6 +445,51 @@ def test_model_loss_gradients_match_grouped(impl: str) -> None:
     _assert_close(d_x, ref_x, f"{impl}: d loss / d x", rtol=1e-4)
 
 
+def _layer_by_layer(model: MobileNet, x: jax.Array) -> jax.Array:
+    """`MobileNet.__call__` without its native whole-network path: every layer's own
+    (native) custom VJP."""
+    y = model.stem(x)
+    for block in model.blocks:
+        y = block(y)
+    return model.head(jnp.mean(y, axis=(1, 2)))
+
+
+@pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable")
+@pytest.mark.parametrize("wrt_x", [False, True])
+def test_native_training_network_is_the_layer_by_layer_model(wrt_x: bool) -> None:
+    """In training mode with the native impl, the model runs as one custom VJP
+    (`_native_network`); its loss, gradients (params, and the images when they are
+    differentiated) and running-average updates are the layer-by-layer model's."""
+    model = build_model(MIXED, rngs=nnx.Rngs(0), depthwise="native")
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    x = _images(MIXED, 6, seed=2)
+    labels = jnp.arange(6) % MIXED.num_classes
+
+    def loss(call, params, x):  # type: ignore[no-untyped-def]
+        m = nnx.merge(graphdef, params, rest, copy=True)
+        logits = call(m, x)
+        value = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return value, nnx.state(m, nnx.BatchStat)
+
+    results = []
+    for call in (MobileNet.__call__, _layer_by_layer):
+        argnums = (0, 1) if wrt_x else 0
+        fn = jax.value_and_grad(functools.partial(loss, call), argnums=argnums, has_aux=True)
+        (value, stats), grads = jax.jit(fn)(params, x)
+        results.append((value, jax.tree.leaves(stats), jax.tree.leaves(grads)))
+    (value, stats, grads), (ref_value, ref_stats, ref_grads) = results
+    _assert_close(value, ref_value, "loss", rtol=1e-6)
+    assert len(stats) == len(ref_stats) == 2 * 9 and len(grads) == len(ref_grads)
+    for got, want in zip(stats + grads, ref_stats + ref_grads, strict=True):
+        _assert_close(got, want, "running averages and gradients", rtol=1e-5)
+    # One custom VJP for the whole network, against one per BatchNorm and depthwise conv.
+    counts = [
+        str(jax.make_jaxpr(lambda p, c=call: loss(c, p, x)[0])(params)).count("custom_vjp_call")
+        for call in (MobileNet.__call__, _layer_by_layer)
+    ]
+    assert counts == [1, 9 + 4]
+
+
 @pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable")
 def test_native_eval_mode_fuses_batch_norm_and_matches_shift() -> None:
     """Eval mode with the native impl runs each depthwise conv, its BatchNorm (running
