@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import importlib.metadata
+import math
 import os
 import pathlib
 import platform
@@ -34,6 +35,7 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -382,7 +384,7 @@ def affine(
 def optimizer_update(
     params: Sequence[jax.Array],
     grads: Sequence[jax.Array],
-    moments: Sequence[Sequence[jax.Array]],
+    moments: Sequence[jax.Array],
     coeffs: jax.Array,
     *,
     b1: float,
@@ -390,10 +392,10 @@ def optimizer_update(
     eps: float = 0.0,
     weight_decay: float,
     decay: Sequence[bool],
-) -> tuple[list[jax.Array], list[list[jax.Array]]]:
+) -> tuple[list[jax.Array], list[jax.Array]]:
     """One optimizer step of every float32 parameter array, natively, in one call.
 
-    With two moment lists `(m, v)`, AdamW: `m' = (1-b1)·g + b1·m`, `v' = (1-b2)·g² + b2·v`,
+    With two moments `(m, v)`, AdamW: `m' = (1-b1)·g + b1·m`, `v' = (1-b2)·g² + b2·v`,
     `u = (m'/bc1) / (sqrt(v'/bc2) + eps)`; with one `(m,)`, SGD with Nesterov momentum
     `b1`: `t = g`, `m' = t + b1·m`, `u = t + b1·m'`. Weight decay adds `weight_decay·p` (to
     `u` for AdamW, to `t` for SGD) for the arrays whose `decay` flag is set. Then
@@ -402,7 +404,9 @@ def optimizer_update(
 
     Args:
       params, grads: the parameter arrays and their gradients, in the same order.
-      moments: `(m, v)` for AdamW, `(m,)` for SGD, each a list like `params`.
+      moments: `(m, v)` for AdamW, `(m,)` for SGD, each ONE flat float32 array of
+        `sum(p.size for p in params)` elements: the arrays' moments raveled one after the
+        other, in `params` order (see `flat_size`).
       coeffs: float32 `[lr, bc1, bc2]` of this step (`bc` = Adam's bias corrections, any
         value for SGD).
       b1, b2, eps: Adam's decay rates and epsilon, or SGD's momentum as `b1`.
@@ -411,18 +415,30 @@ def optimizer_update(
 
     Returns:
       `(new_params, new_moments)`, shaped like `params` and `moments`.
+
+    Raises:
+      ValueError: if the lists differ in length, or a moment is not `flat_size(params)` long.
     """
     n = len(params)
-    if not (len(grads) == len(decay) == n and moments and all(len(m) == n for m in moments)):
-        raise ValueError("optimizer_update: params, grads, decay and each moment list differ")
-    if len(moments) > 2:
-        raise ValueError("optimizer_update: give (m, v) for AdamW or (m,) for SGD")
+    if not (len(grads) == len(decay) == n and 1 <= len(moments) <= 2):
+        raise ValueError(
+            "optimizer_update: params, grads and decay differ in length, or moments is not "
+            "(m, v) for AdamW or (m,) for SGD"
+        )
+    total = flat_size(params)
+    for m in moments:
+        if m.shape != (total,):
+            raise ValueError(
+                f"optimizer_update: a moment of shape {m.shape}, expected ({total},): the "
+                "parameters' sizes, summed"
+            )
     shapes = [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params]
-    out = jax.ffi.ffi_call(_OPT_TARGET, shapes * (1 + len(moments)))(
+    flat = jax.ShapeDtypeStruct((total,), jnp.float32)
+    out = jax.ffi.ffi_call(_OPT_TARGET, [*shapes, *([flat] * len(moments))])(
         coeffs,
         *params,
         *grads,
-        *(a for m in moments for a in m),
+        *moments,
         adam=np.int32(len(moments) == 2),
         b1=np.float32(b1),
         c1=np.float32(1 - b1),
@@ -432,7 +448,12 @@ def optimizer_update(
         weight_decay=np.float32(weight_decay),
         decay=np.asarray(decay, np.int32),
     )
-    return list(out[:n]), [list(out[n * (k + 1) : n * (k + 2)]) for k in range(len(moments))]
+    return list(out[:n]), list(out[n:])
+
+
+def flat_size(params: Sequence[Any]) -> int:
+    """The length of `optimizer_update`'s flat moments for `params` (arrays or shapes)."""
+    return sum(math.prod(p.shape) for p in params)
 
 
 def softmax_cross_entropy(

@@ -262,8 +262,8 @@ class OptaxStep:
 class NativeStep:
     """`OptaxStep` as one native call per step (`mobisearch.kernels.optimizer_update`, CPU,
     float32): the same float32 operations in the same order, optax's schedule. The state is
-    `{"count": int32, "moments": [m, v] (AdamW) or [m] (SGD)}`, each a list of arrays in
-    the order of `jax.tree.leaves(params)`."""
+    `{"count": int32, "moments": [m, v] (AdamW) or [m] (SGD)}`, each moment ONE flat array:
+    those of `jax.tree.leaves(params)`, raveled one after the other."""
 
     cfg: TrainConfig
 
@@ -271,9 +271,9 @@ class NativeStep:
         return 2 if self.cfg.optimizer == "adamw" else 1
 
     def shapes(self, params: Any) -> Any:
-        leaves = [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in jax.tree.leaves(params)]
+        flat = jax.ShapeDtypeStruct((kernels.flat_size(jax.tree.leaves(params)),), jnp.float32)
         count = jax.ShapeDtypeStruct((), jnp.int32)
-        return {"count": count, "moments": [list(leaves) for _ in range(self._moments())]}
+        return {"count": count, "moments": [flat] * self._moments()}
 
     def init(self, params: Any) -> Any:
         return _host_zeros(self.shapes(params))

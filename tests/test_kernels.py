@@ -289,14 +289,12 @@ def test_softmax_cross_entropy_refuses_a_label_out_of_range() -> None:
 
 
 def test_optimizer_update_arguments_go_together() -> None:
-    """Every parameter needs its gradient, moments and decay flag."""
+    """Every parameter needs its gradient and decay flag, and each moment is one flat array
+    of all the parameters' sizes."""
+    args = {"b1": 0.9, "weight_decay": 0.0, "decay": [True]}
     with pytest.raises(ValueError, match="differ"):
+        kernels.optimizer_update([jnp.zeros(3)], [], [jnp.zeros(3)], jnp.zeros(3), **args)
+    with pytest.raises(ValueError, match=r"shape \(4,\), expected \(6,\)"):
         kernels.optimizer_update(
-            [jnp.zeros(3)],
-            [],
-            [[jnp.zeros(3)]],
-            jnp.zeros(3),
-            b1=0.9,
-            weight_decay=0.0,
-            decay=[True],
+            [jnp.zeros((2, 3))], [jnp.zeros((2, 3))], [jnp.zeros(4)], jnp.zeros(3), **args
         )
