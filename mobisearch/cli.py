@@ -160,7 +160,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"study {name!r} in {storage}")
 
     from mobisearch.rank import Ranker
-    from mobisearch.train import enable_compilation_cache, inline_cpu_dispatch
+    from mobisearch.train import enable_compilation_cache, inline_cpu_dispatch, prepare_process
 
     inline_cpu_dispatch()  # before the first JAX computation
     if not args.no_compile_cache:
@@ -173,6 +173,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         latency_batch=latency_batch,
         depthwise=args.depthwise,
     )
+    prepare_process()
     with _Progress(enabled=not args.quiet) as progress:
         search.run_search(study, plan, ranker, on_start=progress.start, on_done=progress.done)
     front = finish_search(study, ranker, out_dir)

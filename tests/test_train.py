@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 
 import jax
 import numpy as np
@@ -320,6 +321,25 @@ def test_compile_options_this_xla_does_not_know_are_left_out() -> None:
     got = train.train_compiler_options("cpu")
     assert set(got) <= set(train._CPU_TRAIN_COMPILER_OPTIONS)
     assert train.train_compiler_options("gpu") == {}
+
+
+def test_prepare_process_exempts_the_heap_alive_then_from_the_collector() -> None:
+    """Objects alive at `prepare_process` are frozen out of the cyclic collector's walks;
+    those made later are not; the probes it runs are cached for the compiles after it."""
+
+    class Marker:
+        pass
+
+    before = Marker()
+    try:
+        train.prepare_process()
+        after = Marker()
+        tracked = {id(o) for o in gc.get_objects()}
+        assert gc.get_freeze_count() > 0
+        assert id(before) not in tracked and id(after) in tracked
+        assert train._xla_accepts.cache_info().currsize >= 1
+    finally:
+        gc.unfreeze()  # leave the test process's collector as it was
 
 
 def test_eval_programs_of_native_models_compile_without_ynnpack_fusions() -> None:
