@@ -57,6 +57,7 @@ __all__ = [
     "library_path",
     "optimizer_update",
     "softmax_cross_entropy",
+    "take_rows",
     "unavailable_reason",
 ]
 
@@ -67,6 +68,7 @@ SOURCES = (
     _CSRC / "batchnorm.cc",
     _CSRC / "optimizer.cc",
     _CSRC / "loss.cc",
+    _CSRC / "batch.cc",
 )
 HEADERS = (_CSRC / "parallel.h",)
 #: Folder for built libraries (default `~/.cache/mobisearch/kernels`).
@@ -83,6 +85,7 @@ _OPT_TARGET = "mobisearch_optimizer_update"
 _AFFINE_TARGET = "mobisearch_affine"
 _AFFINE_ADD_TARGET = "mobisearch_affine_add"
 _XENT_TARGET = "mobisearch_softmax_cross_entropy"
+_TAKE_TARGET = "mobisearch_take_rows"
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
@@ -179,6 +182,7 @@ def _load() -> None:
         (_AFFINE_TARGET, lib.MobisearchAffine),
         (_AFFINE_ADD_TARGET, lib.MobisearchAffineAdd),
         (_XENT_TARGET, lib.MobisearchSoftmaxCrossEntropy),
+        (_TAKE_TARGET, lib.MobisearchTakeRows),
     ):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     _STATE["lib"] = lib  # keep the library loaded
@@ -476,3 +480,21 @@ def softmax_cross_entropy(
     )
     loss, dlogits = call(logits, labels.astype(jnp.int32), smoothing=np.float32(smoothing))
     return loss, dlogits
+
+
+def take_rows(x: jax.Array, y: jax.Array, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(x[idx], y[idx])` natively (`csrc/batch.cc`): a minibatch of images `x` `[N, ...]`
+    and int32 labels `y` `[N]` at int32 indices `idx` `[B]`, by copying whole rows. An index
+    outside `[0, N)` fails the call, naming it (where `x[idx]` would clamp it). Call
+    `available()` first.
+    """
+    b = idx.shape[0]
+    call = jax.ffi.ffi_call(
+        _TAKE_TARGET,
+        (
+            jax.ShapeDtypeStruct((b, *x.shape[1:]), x.dtype),
+            jax.ShapeDtypeStruct((b,), jnp.int32),
+        ),
+    )
+    xb, yb = call(x, y.astype(jnp.int32), idx.astype(jnp.int32))
+    return xb, yb

@@ -425,7 +425,8 @@ def _graphs(arch: ArchSpec, depthwise: str) -> _Graphs:
     """`split_model` of the abstract model (`mobisearch.models.abstract_split`, which
     `build_model` shares), for what needs only the graph and shapes: compiling the train
     step, restoring a checkpoint."""
-    graph_train, params, rest = split_model(nnx.merge(*abstract_split(arch, depthwise=depthwise)))
+    graph_train, state = abstract_split(arch, depthwise=depthwise)
+    params, rest = nnx.split_state(state, nnx.Param, ...)  # = split_model's, without a merge
     return _Graphs(graph_train, params, rest)
 
 
@@ -574,7 +575,7 @@ def _compile_train(
 
     def train_step(params, rest, opt_state, x_all, y_all, idx):  # type: ignore[no-untyped-def]
         TRACE_COUNTS["train_step"] += 1
-        x, y = x_all[idx], y_all[idx]
+        x, y = kernels.take_rows(x_all, y_all, idx) if native else (x_all[idx], y_all[idx])
 
         # copy=True makes fresh Variables inside this trace: NNX refuses to mutate (the
         # BatchNorm statistics) a Variable made at the outer jit level.

@@ -298,3 +298,17 @@ def test_optimizer_update_arguments_go_together() -> None:
         kernels.optimizer_update(
             [jnp.zeros((2, 3))], [jnp.zeros((2, 3))], [jnp.zeros(4)], jnp.zeros(3), **args
         )
+
+
+@needs_native
+def test_take_rows_is_indexing_and_refuses_an_index_out_of_range() -> None:
+    """The native minibatch gather copies rows `idx` of images and labels, as `x[idx]`."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 7, 7, 2)).astype(np.float32)
+    y = rng.integers(0, 10, 50).astype(np.int32)
+    idx = rng.integers(0, 50, 17).astype(np.int32)  # with repeats
+    xb, yb = jax.jit(kernels.take_rows)(x, y, idx)
+    np.testing.assert_array_equal(xb, x[idx])
+    np.testing.assert_array_equal(yb, y[idx])
+    with pytest.raises(Exception, match=r"index 50 at position 1 is not in \[0, 50\)"):
+        jax.block_until_ready(kernels.take_rows(x, y, np.array([0, 50], np.int32)))
