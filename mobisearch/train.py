@@ -135,7 +135,13 @@ def enable_compilation_cache(
 # Both together: 185 -> 130 ms per step (2-core Xeon, jax 0.10.2, mnv1_w050_r28_k3, batch
 # 128); either alone: no change. (Huge pages for the mmaps, `GLIBC_TUNABLES=
 # glibc.malloc.hugetlb=1`, gave 155 ms but must be set before the process starts.)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # <malloc.h>
+# In about 1 process in 10 (3 of 10, 1 of 20 and 1 of 16 runs of the page-fault test's
+# script), steps still faulted in ~16k fresh pages each: some temporaries came from an XLA
+# pool thread's arena. With one arena for all threads (`M_ARENA_MAX` 1, set by
+# `inline_cpu_dispatch` before XLA starts its threads) that script faulted in no page in
+# 20 of 20 runs, and train steps took as long (mnv1_w050_r28_k3 89-91 vs 91-96 ms,
+# mnv1_w025_r20_k3 24-26 vs 25-26 ms, 2 runs each, 2-core AMD EPYC).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # <malloc.h>
 _GLIBC_DEFAULTS = ((_M_TRIM_THRESHOLD, 128 * 1024), (_M_MMAP_MAX, 65536))
 
 
@@ -145,10 +151,15 @@ def inline_cpu_dispatch() -> None:
     The training loop is then ~30% faster on CPU (see `keep_freed_memory`). JAX reads the
     setting when its CPU backend starts, so call this before the process's first JAX
     computation; the `mobisearch` command and the benchmark scripts do. Later calls change
-    nothing. `JAX_CPU_ENABLE_ASYNC_DISPATCH=1` in the environment overrides it.
+    nothing. `JAX_CPU_ENABLE_ASYNC_DISPATCH=1` in the environment overrides it. Under
+    glibc it also makes threads started from now on allocate from the main heap
+    (`M_ARENA_MAX` 1), so that `keep_freed_memory` covers what XLA's pool threads allocate.
     """
     if os.environ.get("JAX_CPU_ENABLE_ASYNC_DISPATCH") is None:
         jax.config.update("jax_cpu_enable_async_dispatch", False)
+    mallopt = _mallopt()
+    if mallopt is not None:
+        mallopt(_M_ARENA_MAX, 1)  # every thread allocates from the main heap: see the note
 
 
 # NOTE: Python's full (generation 2) garbage collections walk every tracked object, and
