@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{name}_lower_s": round(t.lower_s, 3),
                     f"{name}_xla_s": round(t.xla_s, 3),
                     f"{name}_fusions": _fusions(prog.step),
-                    f"{name}_s": round(t.total_s, 3),
+                    f"{name}_compile_s": round(t.total_s, 3),
                 }
             compile_s = sum(p.compile_s for p in progs.values())
             row |= {
@@ -172,8 +172,8 @@ def markdown(rows: list[dict[str, Any]], header: list[str]) -> str:
         ("train: lower", "train_lower_s"),
         ("train: XLA", "train_xla_s"),
         ("train: fusions", "train_fusions"),
-        ("eval", "eval_s"),
-        ("forward", "forward_s"),
+        ("eval", "eval_compile_s"),
+        ("forward", "forward_compile_s"),
         ("compile s", "compile_s"),
         ("train s", "train_s"),
         ("compile / train", "compile_over_train"),
