@@ -768,8 +768,7 @@ def _network_forward(
     for layer, (kernel, scale, bias), (mean, var) in zip(layers, weights[:-1], stats, strict=True):
         if layer.op == "dw":
             block_in = y
-            pads, out_hw = _native_pads(y, kernel.shape[0], layer.stride)
-            z = kernels.depthwise_forward(y, kernel, stride=layer.stride, pads=pads, out_hw=out_hw)
+            z, _ = _native_fwd(y, kernel, layer.stride)
         elif layer.op == "pw":
             z = _pointwise(y, kernel)
         else:
@@ -830,10 +829,7 @@ def _native_network_bwd(layers, res, cts):  # type: ignore[no-untyped-def]
             d_kernel = lax.dot_general(dz2, y2, (((0,), (0,)), ((), ()))).T.reshape(kernel.shape)
             dy = lax.dot_general(dz2, kernel[0, 0], (((1,), (1,)), ((), ()))).reshape(y.shape)
         elif layer.op == "dw":
-            pads, _ = _native_pads(y, kernel.shape[0], layer.stride)
-            dy, d_kernel = kernels.depthwise_backward(
-                y, kernel, dz, stride=layer.stride, pads=pads
-            )
+            dy, d_kernel = _native_bwd(layer.stride, (y, kernel), dz)
             if skip is not None:
                 dy, skip = dy + skip, None
         elif x_for_dx is None:
@@ -1184,13 +1180,7 @@ def inference_apply(
         elif layer.op == "pw":
             y = _pointwise(y, kernel)
         else:
-            y = lax.conv_general_dilated(
-                y,
-                kernel,
-                (layer.stride, layer.stride),
-                "SAME",
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            )
+            y = _stem_conv(y, kernel, layer.stride)
         if depthwise == "native" and _native_handles(y, a, b):
             residual = block_in if layer.residual else None
             y = kernels.affine(y, a, b, relu=layer.act, residual=residual)
