@@ -52,6 +52,7 @@ __all__ = [
     "available",
     "batch_norm_backward",
     "batch_norm_forward",
+    "conv_kernel_grad",
     "depthwise_backward",
     "depthwise_forward",
     "library_path",
@@ -69,6 +70,7 @@ SOURCES = (
     _CSRC / "optimizer.cc",
     _CSRC / "loss.cc",
     _CSRC / "batch.cc",
+    _CSRC / "conv.cc",
 )
 HEADERS = (_CSRC / "parallel.h",)
 #: Folder for built libraries (default `~/.cache/mobisearch/kernels`).
@@ -86,6 +88,7 @@ _AFFINE_TARGET = "mobisearch_affine"
 _AFFINE_ADD_TARGET = "mobisearch_affine_add"
 _XENT_TARGET = "mobisearch_softmax_cross_entropy"
 _TAKE_TARGET = "mobisearch_take_rows"
+_CONV_DK_TARGET = "mobisearch_conv_kernel_grad"
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
@@ -183,6 +186,7 @@ def _load() -> None:
         (_AFFINE_ADD_TARGET, lib.MobisearchAffineAdd),
         (_XENT_TARGET, lib.MobisearchSoftmaxCrossEntropy),
         (_TAKE_TARGET, lib.MobisearchTakeRows),
+        (_CONV_DK_TARGET, lib.MobisearchConvKernelGrad),
     ):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     _STATE["lib"] = lib  # keep the library loaded
@@ -278,6 +282,24 @@ def depthwise_backward(
     )
     dx, dk = call(x, kernel.reshape(k, k, c), g, **_attrs(stride, pads))
     return dx, dk.reshape(kernel.shape)
+
+
+def conv_kernel_grad(
+    x: jax.Array, g: jax.Array, *, k: int, stride: int, pads: tuple[int, int]
+) -> jax.Array:
+    """Kernel gradient of a standard convolution of float32 NHWC `x` with a `(k, k, Cin,
+    Cout)` kernel, for the output cotangent `g` (`[b, out_h, out_w, Cout]`), natively.
+
+    `dk[i, j, ci, co] = Σ_{b,o,p} x[b, o·s + i - lo_h, p·s + j - lo_w, ci] · g[b, o, p, co]`,
+    taps outside `x` counting as zero: the gradient of `lax.conv_general_dilated(x, kernel,
+    (s, s), padding, ("NHWC", "HWIO", "NHWC"))` with `pads` = `(lo_h, lo_w)` its leading
+    padding. Call `available()` first.
+
+    Returns:
+      `dk`, `[k, k, Cin, Cout]`.
+    """
+    shape = jax.ShapeDtypeStruct((k, k, x.shape[3], g.shape[3]), x.dtype)
+    return jax.ffi.ffi_call(_CONV_DK_TARGET, shape)(x, g, **_attrs(stride, pads))
 
 
 def _bn_attrs(epsilon: float, relu: bool) -> dict[str, np.float32 | np.int32]:

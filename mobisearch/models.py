@@ -832,12 +832,16 @@ def _native_network_bwd(layers, res, cts):  # type: ignore[no-untyped-def]
             dy, d_kernel = _native_bwd(layer.stride, (y, kernel), dz)
             if skip is not None:
                 dy, skip = dy + skip, None
-        elif x_for_dx is None:
-            _, vjp = jax.vjp(lambda k, y=y, s=layer.stride: _stem_conv(y, k, s), kernel)
-            (d_kernel,) = vjp(dz)
         else:
-            _, vjp = jax.vjp(lambda x, k, s=layer.stride: _stem_conv(x, k, s), x_for_dx, kernel)
-            dx, d_kernel = vjp(dz)
+            # The stem's kernel gradient natively: XLA emits its own through LLVM, slower
+            # to compile and to run (csrc/conv.cc); the images' gradient stays XLA's.
+            pads, _ = _native_pads(y, kernel.shape[0], layer.stride)
+            d_kernel = kernels.conv_kernel_grad(
+                y, dz, k=kernel.shape[0], stride=layer.stride, pads=pads
+            )
+            if x_for_dx is not None:
+                _, vjp = jax.vjp(lambda x, k=kernel, s=layer.stride: _stem_conv(x, k, s), y)
+                (dx,) = vjp(dz)
         grads.append((d_kernel, d_scale, d_bias))
     return (*reversed(grads), d_head), None, dx
 

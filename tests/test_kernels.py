@@ -73,7 +73,9 @@ def test_turned_off_by_the_environment(tmp_path: pathlib.Path) -> None:
     assert f"{kernels.NATIVE_ENV_VAR}=0" in reason
 
 
-@pytest.mark.parametrize("which", ["depthwise.cc", "batchnorm.cc", "loss.cc", "parallel.h"])
+@pytest.mark.parametrize(
+    "which", ["depthwise.cc", "batchnorm.cc", "loss.cc", "conv.cc", "parallel.h"]
+)
 def test_library_path_changes_with_the_sources(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, which: str
 ) -> None:
@@ -125,6 +127,45 @@ def test_forward_and_backward_match_grouped(b: int, hw: int, c: int, k: int, str
     # The kernel gradient is summed over fixed batch chunks in a fixed order: bitwise stable.
     dx2, dk2 = backward(x, kernel, g)
     assert jnp.array_equal(dk, dk2) and jnp.array_equal(dx, dx2)
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("b", "hw", "cin", "cout", "k", "stride"),
+    [
+        (5, 20, 1, 8, 3, 1),  # the Fashion-MNIST stems: Cout 8, 16, 24, 32 in registers
+        (3, 9, 1, 24, 3, 2),
+        (2, 7, 3, 32, 3, 2),  # RGB
+        (3, 8, 2, 7, 5, 2),  # any other Cout: the generic loop
+        (2, 2, 1, 16, 5, 2),  # kernel wider than the image: taps fall off both sides
+        (2, 3, 2, 64, 7, 3),
+    ],
+)
+def test_conv_kernel_grad_is_xla_s(
+    b: int, hw: int, cin: int, cout: int, k: int, stride: int
+) -> None:
+    """The stem's kernel gradient equals the one JAX derives for `conv_general_dilated`
+    (SAME padding), and is the same on every call (chunks summed in a fixed order)."""
+    kx, kk, kg = jax.random.split(jax.random.key(hw), 3)
+    out, lo, _ = same_pads(hw, k, stride)
+    x = jax.random.normal(kx, (b, hw, hw, cin))
+    kernel = jax.random.normal(kk, (k, k, cin, cout))
+    g = jax.random.normal(kg, (b, out, out, cout))
+
+    def conv(kernel: jax.Array) -> jax.Array:
+        dims = ("NHWC", "HWIO", "NHWC")
+        return jax.lax.conv_general_dilated(
+            x, kernel, (stride, stride), "SAME", dimension_numbers=dims
+        )
+
+    y, vjp = jax.vjp(conv, kernel)
+    assert y.shape == g.shape
+    (want,) = vjp(g)
+    grad = jax.jit(lambda x, g: kernels.conv_kernel_grad(x, g, k=k, stride=stride, pads=(lo, lo)))
+    got = grad(x, g)
+    assert got.shape == kernel.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    assert jnp.array_equal(got, grad(x, g))
 
 
 @needs_native
