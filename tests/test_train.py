@@ -343,7 +343,7 @@ def test_prepare_process_exempts_the_heap_alive_then_from_the_collector() -> Non
 
 
 def test_eval_programs_of_native_models_compile_without_ynnpack_fusions() -> None:
-    off = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    off = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_use_fusion_emitters": False}
     assert train.inference_compiler_options("native", "cpu") == off
     assert train.inference_compiler_options("shift", "cpu") == {}
     assert train.inference_compiler_options("native", "gpu") == {}
