@@ -249,18 +249,15 @@ def depthwise_forward(
       ValueError: if only one of `scale` and `shift` is given, or `relu` without them.
     """
     b, _, _, c = x.shape
-    k = kernel.shape[0]
     out = jax.ShapeDtypeStruct((b, *out_hw, c), x.dtype)
     if scale is None and shift is None:
         if relu:
             raise ValueError("depthwise_forward: `relu` needs `scale` and `shift`")
-        return jax.ffi.ffi_call(_FWD_TARGET, out)(
-            x, kernel.reshape(k, k, c), **_attrs(stride, pads)
-        )
+        return jax.ffi.ffi_call(_FWD_TARGET, out)(x, kernel, **_attrs(stride, pads))
     if scale is None or shift is None:
         raise ValueError("depthwise_forward: give both `scale` and `shift`, or neither")
     return jax.ffi.ffi_call(_FWD_AFFINE_TARGET, out)(
-        x, kernel.reshape(k, k, c), scale, shift, **_attrs(stride, pads), relu=np.int32(relu)
+        x, kernel, scale, shift, **_attrs(stride, pads), relu=np.int32(relu)
     )
 
 
@@ -275,13 +272,12 @@ def depthwise_backward(
     Returns:
       `(dx, dkernel)`, shaped like `x` and `kernel`.
     """
-    k, c = kernel.shape[0], x.shape[3]
     call = jax.ffi.ffi_call(
         _BWD_TARGET,
-        (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((k, k, c), x.dtype)),
+        (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(kernel.shape, x.dtype)),
     )
-    dx, dk = call(x, kernel.reshape(k, k, c), g, **_attrs(stride, pads))
-    return dx, dk.reshape(kernel.shape)
+    dx, dk = call(x, kernel, g, **_attrs(stride, pads))
+    return dx, dk
 
 
 def conv_kernel_grad(

@@ -616,9 +616,11 @@ class PointwiseConv(nnx.Module):
 
 
 def _pointwise(x: Array, kernel: Array) -> Array:
-    """`[b, h, w, C_in]` times a `(1, 1, C_in, C_out)` kernel, as a 2-D dot on the pixels."""
-    k = kernel[0, 0]
-    return jnp.dot(x.reshape(-1, k.shape[0]), k).reshape(*x.shape[:-1], k.shape[1])
+    """`[b, h, w, C_in]` times a `(1, 1, C_in, C_out)` kernel: one dot over the channels.
+
+    (Two operations to trace and lower; a 2-D dot on the pixels, with the kernel's squeeze
+    and the reshapes around it, took four, and each one costs compile time.)"""
+    return lax.dot_general(x, kernel.reshape(kernel.shape[2:]), (((3,), (0,)), ((), ())))
 
 
 class ConvBN(nnx.Module):
@@ -804,11 +806,9 @@ def _native_network_bwd(layers, res, cts):  # type: ignore[no-untyped-def]
     weights, saved, pooled, x_for_dx = res
     g = cts[0]  # the running averages' cotangents are not used: they are not differentiated
     head_kernel, _ = weights[-1]
-    # The dot_generals JAX's transpose rules emit for `_dense` and `_pointwise`.
-    d_head = (
-        lax.dot_general(g, pooled, (((0,), (0,)), ((), ()))).T,
-        jnp.sum(g, axis=0),
-    )
+    # The gradients of `_dense` and `_pointwise` as single dot_generals, contracting the
+    # batch (and pixels) without reshapes or transposes around them.
+    d_head = (lax.dot_general(pooled, g, (((0,), (0,)), ((), ()))), jnp.sum(g, axis=0))
     d_pooled = lax.dot_general(g, head_kernel, (((1,), (1,)), ((), ())))
     b, h, w, c = saved[-1][2].shape
     dy = jnp.broadcast_to((d_pooled / float(h * w))[:, None, None, :], (b, h, w, c))
@@ -824,10 +824,11 @@ def _native_network_bwd(layers, res, cts):  # type: ignore[no-untyped-def]
             z, out, scale, batch_mean, batch_var, dy, epsilon=BN_EPSILON, relu=layer.act
         )
         if layer.op == "pw":
-            c_in, c_out = kernel.shape[2], kernel.shape[3]
-            dz2, y2 = dz.reshape(-1, c_out), y.reshape(-1, c_in)
-            d_kernel = lax.dot_general(dz2, y2, (((0,), (0,)), ((), ()))).T.reshape(kernel.shape)
-            dy = lax.dot_general(dz2, kernel[0, 0], (((1,), (1,)), ((), ()))).reshape(y.shape)
+            # On 2-D pixel matrices: contracting the pixels of 4-D arrays, XLA transposes y.
+            c_in, c_out = kernel.shape[2:]
+            y2, dz2 = y.reshape(-1, c_in), dz.reshape(-1, c_out)
+            d_kernel = lax.dot_general(y2, dz2, (((0,), (0,)), ((), ()))).reshape(kernel.shape)
+            dy = lax.dot_general(dz, kernel.reshape(c_in, c_out), (((3,), (1,)), ((), ())))
         elif layer.op == "dw":
             dy, d_kernel = _native_bwd(layer.stride, (y, kernel), dz)
             if skip is not None:
@@ -950,6 +951,94 @@ class MobileNet(nnx.Module):
             cb.bn.mean.set_value(mean)
             cb.bn.var.set_value(var)
         return logits
+
+
+def _conv_layer_path(j: int) -> tuple[Any, ...]:
+    """The module path of conv layer `j` of a resolved layer list (0: the stem; then each
+    block's depthwise and pointwise `ConvBN`), as `MobileNet` names its submodules."""
+    return ("stem",) if j == 0 else ("blocks", (j - 1) // 2, "dw" if j % 2 else "pw")
+
+
+def _leaf_index(tree: Any, what: str) -> dict[tuple[Any, ...], int]:
+    """`{path: position}` of `tree`'s leaves in `jax.tree.leaves` order; a path is the keys
+    (`nnx.State`'s dict keys, then the Variable's `value`)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    index = {}
+    for i, (keys, _) in enumerate(flat):
+        index[tuple(getattr(k, "key", getattr(k, "name", k)) for k in keys)] = i
+    if not index:
+        raise ValueError(f"native_loss_and_grads: no {what} arrays")
+    return index
+
+
+def native_loss_and_grads(
+    layers: Sequence[LayerSpec],
+    params: Any,
+    rest: Any,
+    x: Array,
+    labels: Array,
+    smoothing: float,
+) -> tuple[Array, Any, Any]:
+    """One training-mode forward and backward pass of a natively built `MobileNet` on its
+    split state, without autodiff and without NNX: `_native_network`'s forward and
+    backward passes called directly, and the loss of `kernels.softmax_cross_entropy`
+    (optax's mean softmax cross-entropy and label smoothing).
+
+    The same numbers, bit for bit, as `jax.value_and_grad` of that loss of
+    `nnx.merge(graphdef, params, rest)(x)` (with the BatchNorm statistics as its aux). A
+    train step traced NNX's merge and state calls (~40% of its trace) and JAX's
+    linearisation of the custom VJP to get them.
+
+    Args:
+      layers: the resolved layers the model was built from (`ArchSpec.resolve()`).
+      params, rest: `nnx.split(model, nnx.Param, ...)`'s states (or their abstract shapes).
+      x: float32 images, `[b, h, w, in_ch]`; labels: int32 `[b]`.
+
+    Returns:
+      `(loss, grads, new_rest)`: `grads` shaped like `params`, `new_rest` like `rest` with
+      the updated running averages.
+
+    Raises:
+      ValueError: if `params` or `rest` lacks an array the layers need.
+    """
+    p_leaves, p_def = jax.tree.flatten(params)
+    r_leaves, r_def = jax.tree.flatten(rest)
+    p_at, r_at = _leaf_index(params, "parameter"), _leaf_index(rest, "statistic")
+
+    def at(index: dict[tuple[Any, ...], int], path: tuple[Any, ...]) -> int:
+        if path not in index:
+            raise ValueError(f"native_loss_and_grads: no array at {'/'.join(map(str, path))}")
+        return index[path]
+
+    convs = tuple(layers[:-2])
+    w_at = [
+        tuple(
+            at(p_at, (*_conv_layer_path(j), *name, "value"))
+            for name in (("conv", "kernel"), ("bn", "scale"), ("bn", "bias"))
+        )
+        for j in range(len(convs))
+    ]
+    w_at.append((at(p_at, ("head", "kernel", "value")), at(p_at, ("head", "bias", "value"))))
+    s_at = [
+        tuple(at(r_at, (*_conv_layer_path(j), "bn", name, "value")) for name in ("mean", "var"))
+        for j in range(len(convs))
+    ]
+    weights = tuple(tuple(p_leaves[i] for i in idx) for idx in w_at)
+    stats = tuple(tuple(r_leaves[i] for i in idx) for idx in s_at)
+    (logits, new_stats), (saved, pooled) = _network_forward(convs, weights, stats, x)
+    loss, dlogits = kernels.softmax_cross_entropy(logits, labels, smoothing=smoothing)
+    grads = _native_network_bwd(convs, (weights, saved, pooled, None), (dlogits, None))[0]
+    g_leaves: list[Any] = [None] * len(p_leaves)
+    for idx, values in zip(w_at, grads, strict=True):
+        for i, value in zip(idx, values, strict=True):
+            g_leaves[i] = value
+    new_r = list(r_leaves)
+    for idx, values in zip(s_at, new_stats, strict=True):
+        for i, value in zip(idx, values, strict=True):
+            new_r[i] = value
+    if any(g is None for g in g_leaves):
+        raise ValueError("native_loss_and_grads: `params` has arrays the layers do not use")
+    return loss, jax.tree.unflatten(p_def, g_leaves), jax.tree.unflatten(r_def, new_r)
 
 
 def build_model(arch: ArchSpec, *, rngs: nnx.Rngs, depthwise: str | None = None) -> MobileNet:

@@ -50,6 +50,7 @@ from mobisearch.models import (
     inference_apply,
     inference_shapes,
     inference_state,
+    native_loss_and_grads,
     split_model,
 )
 
@@ -369,33 +370,13 @@ def init_optimizer(tx: optax.GradientTransformation, params: Any) -> Any:
     return _host_zeros(jax.eval_shape(tx.init, params))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _native_loss(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
-    return kernels.softmax_cross_entropy(logits, labels, smoothing=smoothing)[0]
-
-
-def _native_loss_fwd(logits, labels, smoothing):  # type: ignore[no-untyped-def]
-    return kernels.softmax_cross_entropy(logits, labels, smoothing=smoothing)
-
-
-def _native_loss_bwd(smoothing, dlogits, g):  # type: ignore[no-untyped-def]
-    return g * dlogits, None
-
-
-_native_loss.defvjp(_native_loss_fwd, _native_loss_bwd)
-
-
 # NOTE: optax's loss and its autodiff left XLA:CPU a dozen small fusions (log-softmax,
 # take_along_axis and its scatter-add transpose); as one native call (in double), the train
 # step's XLA compile went 0.23 -> 0.14 s (median of 8 candidates, 2-core AMD EPYC, jax
-# 0.10.2, with the elemental emitters; ad hoc).
-def _loss(
-    logits: jax.Array, labels: jax.Array, num_classes: int, smoothing: float, *, native: bool
-) -> jax.Array:
-    """Mean softmax cross-entropy (optax's, or `kernels.softmax_cross_entropy` if
-    `native`), with optax's label smoothing."""
-    if native:
-        return _native_loss(logits, labels, smoothing)
+# 0.10.2, with the elemental emitters; ad hoc). So the native train step takes its loss and
+# gradient from `kernels.softmax_cross_entropy` (in `models.native_loss_and_grads`).
+def _loss(logits: jax.Array, labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
+    """Mean softmax cross-entropy with optax's label smoothing (optax's)."""
     if smoothing:
         targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
         return optax.softmax_cross_entropy(logits, targets).mean()
@@ -589,6 +570,7 @@ def _compile_train(
     graphdef, params, rest = graphs.train, graphs.params, graphs.rest
     optimizer = optimizer_step(cfg, depthwise)
     native = _runs_native(depthwise)
+    layers, smoothing = arch.resolve(), cfg.label_smoothing
 
     def train_step(params, rest, opt_state, x_all, y_all, idx):  # type: ignore[no-untyped-def]
         TRACE_COUNTS["train_step"] += 1
@@ -598,10 +580,13 @@ def _compile_train(
         # BatchNorm statistics) a Variable made at the outer jit level.
         def loss_fn(params, rest):  # type: ignore[no-untyped-def]
             model = nnx.merge(graphdef, params, rest, copy=True)
-            loss = _loss(model(x), y, arch.num_classes, cfg.label_smoothing, native=native)
+            loss = _loss(model(x), y, arch.num_classes, smoothing)
             return loss, nnx.state(model, nnx.Not(nnx.Param))
 
-        (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
+        if native:  # the same numbers, without tracing NNX or JAX's autodiff
+            loss, grads, rest = native_loss_and_grads(layers, params, rest, x, y, smoothing)
+        else:
+            (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
         params, opt_state = optimizer.step(grads, opt_state, params)
         return params, rest, opt_state, loss
 

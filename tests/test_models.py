@@ -32,6 +32,7 @@ from mobisearch.models import (
     inference_apply,
     inference_shapes,
     inference_state,
+    native_loss_and_grads,
     same_pads,
     state_size,
 )
@@ -488,6 +489,64 @@ def test_native_training_network_is_the_layer_by_layer_model(wrt_x: bool) -> Non
         for call in (MobileNet.__call__, _layer_by_layer)
     ]
     assert counts == [1, 9 + 4]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _native_xent(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
+    return kernels.softmax_cross_entropy(logits, labels, smoothing=smoothing)[0]
+
+
+_native_xent.defvjp(
+    lambda logits, labels, smoothing: kernels.softmax_cross_entropy(
+        logits, labels, smoothing=smoothing
+    ),
+    lambda smoothing, dlogits, g: (g * dlogits, None),
+)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable")
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_native_loss_and_grads_is_autodiff_of_the_model_bit_for_bit(smoothing: float) -> None:
+    """The train step's forward and backward pass without autodiff or NNX gives the loss,
+    gradients and running averages of `jax.value_and_grad` through the model (its custom
+    VJP, the native loss) exactly, on a net with residual blocks."""
+    model = build_model(MIXED, rngs=nnx.Rngs(0), depthwise="native")
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    x = _images(MIXED, 6, seed=3)
+    labels = jnp.arange(6, dtype=jnp.int32) % MIXED.num_classes
+
+    def by_autodiff(params, rest):  # type: ignore[no-untyped-def]
+        m = nnx.merge(graphdef, params, rest, copy=True)
+        return _native_xent(m(x), labels, smoothing), nnx.state(m, nnx.Not(nnx.Param))
+
+    (want_loss, want_rest), want_grads = jax.jit(jax.value_and_grad(by_autodiff, has_aux=True))(
+        params, rest
+    )
+    layers = MIXED.resolve()
+    loss, grads, new_rest = jax.jit(
+        lambda p, r: native_loss_and_grads(layers, p, r, x, labels, smoothing)
+    )(params, rest)
+    assert jax.tree.structure(grads) == jax.tree.structure(params)
+    assert jax.tree.structure(new_rest) == jax.tree.structure(rest)
+    assert jnp.array_equal(loss, want_loss)
+    for got, want in zip(
+        jax.tree.leaves((grads, new_rest)), jax.tree.leaves((want_grads, want_rest)), strict=True
+    ):
+        assert jnp.array_equal(got, want)
+    # The running averages moved (they are outputs, not the inputs passed through).
+    moved = zip(jax.tree.leaves(new_rest), jax.tree.leaves(rest), strict=True)
+    assert not all(jnp.array_equal(a, b) for a, b in moved)
+
+
+def test_native_loss_and_grads_names_a_missing_array() -> None:
+    _, params, rest = nnx.split(build_model(MIXED, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    flat = dict(nnx.to_flat_state(rest))
+    del flat[("stem", "bn", "var")]
+    partial = nnx.from_flat_state(list(flat.items()))
+    x = _images(MIXED, 2)
+    labels = jnp.zeros(2, jnp.int32)
+    with pytest.raises(ValueError, match="stem/bn/var"):
+        native_loss_and_grads(MIXED.resolve(), params, partial, x, labels, 0.0)
 
 
 @pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable")

@@ -395,25 +395,3 @@ def test_native_train_step_updates_every_parameter_in_one_call() -> None:
     assert hlo.count('custom_call_target="mobisearch_optimizer_update"') == 1
     shift = train._compile_train(arch, CFG, "shift", 64).step.as_text()
     assert "mobisearch_optimizer_update" not in shift
-
-
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_native_loss_is_optax_s_in_value_and_gradient(smoothing: float) -> None:
-    """The train step's native loss: optax's value, and its custom VJP scales the gradient
-    by the cotangent (here 3, as in a loss weighted inside a larger objective)."""
-    if not kernels.available():
-        pytest.skip(f"native kernels unavailable: {kernels.unavailable_reason()}")
-    kz, ky = jax.random.split(jax.random.key(7))
-    logits = 4.0 * jax.random.normal(kz, (16, 10))
-    labels = jax.random.randint(ky, (16,), 0, 10)
-
-    def weighted(native: bool):  # type: ignore[no-untyped-def]
-        return jax.jit(
-            jax.value_and_grad(
-                lambda z: 3.0 * train._loss(z, labels, 10, smoothing, native=native)
-            )
-        )
-
-    (got, dgot), (want, dwant) = weighted(True)(logits), weighted(False)(logits)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-    np.testing.assert_allclose(dgot, dwant, rtol=1e-4, atol=1e-7)

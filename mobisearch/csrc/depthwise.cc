@@ -41,8 +41,11 @@ ffi::Error ReadGeometry(ffi::Span<const int64_t> x_dims, ffi::Span<const int64_t
                         ffi::Span<const int64_t> out_dims, int32_t stride, int32_t lo_h,
                         int32_t lo_w, Geometry* g) {
   if (x_dims.size() != 4) return ffi::Error::InvalidArgument("x must be NHWC (rank 4)");
-  if (w_dims.size() != 3 || w_dims[0] != w_dims[1] || w_dims[2] != x_dims[3])
-    return ffi::Error::InvalidArgument("kernel must be [k, k, C] with x's C");
+  // [k, k, C], or flax's [k, k, 1, C] (the same bytes: no reshape in the program).
+  const bool hwio = w_dims.size() == 4 && w_dims[2] == 1;
+  if (!(w_dims.size() == 3 || hwio) || w_dims[0] != w_dims[1] ||
+      w_dims[w_dims.size() - 1] != x_dims[3])
+    return ffi::Error::InvalidArgument("kernel must be [k, k, C] or [k, k, 1, C] with x's C");
   if (out_dims.size() != 4) return ffi::Error::InvalidArgument("output must be rank 4");
   if (stride < 1) return ffi::Error::InvalidArgument("stride must be >= 1");
   *g = Geometry{x_dims[0],   x_dims[1], x_dims[2], x_dims[3], w_dims[0],
