@@ -407,14 +407,15 @@ def optimizer_update(
     params: Sequence[jax.Array],
     grads: Sequence[jax.Array],
     moments: Sequence[jax.Array],
-    coeffs: jax.Array,
+    table: Any,
+    count: jax.Array,
     *,
     b1: float,
     b2: float = 0.0,
     eps: float = 0.0,
     weight_decay: float,
     decay: Sequence[bool],
-) -> tuple[list[jax.Array], list[jax.Array]]:
+) -> tuple[list[jax.Array], list[jax.Array], jax.Array]:
     """One optimizer step of every float32 parameter array, natively, in one call.
 
     With two moments `(m, v)`, AdamW: `m' = (1-b1)·g + b1·m`, `v' = (1-b2)·g² + b2·v`,
@@ -429,17 +430,20 @@ def optimizer_update(
       moments: `(m, v)` for AdamW, `(m,)` for SGD, each ONE flat float32 array of
         `sum(p.size for p in params)` elements: the arrays' moments raveled one after the
         other, in `params` order (see `flat_size`).
-      coeffs: float32 `[lr, bc1, bc2]` of this step (`bc` = Adam's bias corrections, any
-        value for SGD).
+      table: float32 `[steps, 3]`, row `t` the `[lr, bc1, bc2]` of step `t` (`bc` = Adam's
+        bias corrections, any value for SGD): the recipe's schedule, computed once.
+      count: int32 scalar, this step's row of `table` (the steps done so far).
       b1, b2, eps: Adam's decay rates and epsilon, or SGD's momentum as `b1`.
       weight_decay: the decay rate.
       decay: one flag per array.
 
     Returns:
-      `(new_params, new_moments)`, shaped like `params` and `moments`.
+      `(new_params, new_moments, count + 1)`, shaped like `params`, `moments`, `count`. A
+      `count` past the table's last row fails the call with an error that says so.
 
     Raises:
-      ValueError: if the lists differ in length, or a moment is not `flat_size(params)` long.
+      ValueError: if the lists differ in length, a moment is not `flat_size(params)` long, or
+        `table` is not `[steps, 3]`.
     """
     n = len(params)
     if not (len(grads) == len(decay) == n and 1 <= len(moments) <= 2):
@@ -454,10 +458,17 @@ def optimizer_update(
                 f"optimizer_update: a moment of shape {m.shape}, expected ({total},): the "
                 "parameters' sizes, summed"
             )
+    if len(np.shape(table)) != 2 or np.shape(table)[1] != 3:
+        raise ValueError(
+            f"optimizer_update: a coefficient table of shape {np.shape(table)}, expected "
+            "(steps, 3)"
+        )
     shapes = [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params]
     flat = jax.ShapeDtypeStruct((total,), jnp.float32)
-    out = jax.ffi.ffi_call(_OPT_TARGET, [*shapes, *([flat] * len(moments))])(
-        coeffs,
+    step = jax.ShapeDtypeStruct((), jnp.int32)
+    out = jax.ffi.ffi_call(_OPT_TARGET, [step, *shapes, *([flat] * len(moments))])(
+        jnp.asarray(table, jnp.float32),
+        jnp.asarray(count, jnp.int32),
         *params,
         *grads,
         *moments,
@@ -470,7 +481,7 @@ def optimizer_update(
         weight_decay=np.float32(weight_decay),
         decay=np.asarray(decay, np.int32),
     )
-    return list(out[:n]), list(out[n:])
+    return list(out[1 : n + 1]), list(out[n + 1 :]), out[0]
 
 
 def flat_size(params: Sequence[Any]) -> int:

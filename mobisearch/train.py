@@ -316,29 +316,50 @@ class NativeStep:
 
     def step(self, grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
         leaves, treedef = jax.tree.flatten(params)
-        count = state["count"]
-        lr = make_schedule(self.cfg)
-        inc = count + 1  # Adam's bias corrections count this step, as optax's do
-        coeffs = jnp.stack(
-            [
-                jnp.asarray(lr(count) if callable(lr) else lr, jnp.float32),
-                jnp.asarray(1 - _ADAM_B1**inc, jnp.float32),
-                jnp.asarray(1 - _ADAM_B2**inc, jnp.float32),
-            ]
-        )
         adam = self.cfg.optimizer == "adamw"
-        new, moments = kernels.optimizer_update(
+        new, moments, count = kernels.optimizer_update(
             leaves,
             jax.tree.leaves(grads),
             state["moments"],
-            coeffs,
+            coefficient_table(self.cfg),
+            state["count"],
             b1=_ADAM_B1 if adam else _SGD_MOMENTUM,
             b2=_ADAM_B2 if adam else 0.0,
             eps=_ADAM_EPS if adam else 0.0,
             weight_decay=self.cfg.weight_decay,
             decay=[_decays(p) for p in leaves],
         )
-        return jax.tree.unflatten(treedef, new), {"count": inc, "moments": moments}
+        return jax.tree.unflatten(treedef, new), {"count": count, "moments": moments}
+
+
+def _coefficients(cfg: TrainConfig, count: jax.Array) -> jax.Array:
+    """`[lr, bc1, bc2]` of the step after `count` steps: optax's schedule, and Adam's bias
+    corrections (which count this step, as optax's do)."""
+    lr = make_schedule(cfg)
+    inc = count + 1
+    return jnp.stack(
+        [
+            jnp.asarray(lr(count) if callable(lr) else lr, jnp.float32),
+            jnp.asarray(1 - _ADAM_B1**inc, jnp.float32),
+            jnp.asarray(1 - _ADAM_B2**inc, jnp.float32),
+        ]
+    )
+
+
+# NOTE: computed in every train step, the schedule and bias corrections were a dozen scalar
+# operations to trace and lower, and two LLVM-compiled XLA kernels, in every candidate's
+# program; as a table computed once per recipe, the same values bit for bit (one program
+# compiled once per process and recipe).
+@functools.lru_cache(maxsize=8)
+def coefficient_table(cfg: TrainConfig) -> np.ndarray:
+    """`[cfg.steps, 3]` float32: row `t` the `[lr, bc1, bc2]` of step `t` of the recipe
+    (`NativeStep`'s `kernels.optimizer_update` reads row `count`). Cached per recipe."""
+    with jax.ensure_compile_time_eval():  # computed now, also when asked for in a trace
+        steps = jnp.arange(max(cfg.steps, 1), dtype=jnp.int32)
+        table = jax.jit(jax.vmap(functools.partial(_coefficients, cfg)))(steps)
+        out = np.asarray(table, np.float32)
+    out.flags.writeable = False
+    return out
 
 
 def _runs_native(depthwise: str) -> bool:

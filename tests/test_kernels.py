@@ -333,12 +333,14 @@ def test_optimizer_update_arguments_go_together() -> None:
     """Every parameter needs its gradient and decay flag, and each moment is one flat array
     of all the parameters' sizes."""
     args = {"b1": 0.9, "weight_decay": 0.0, "decay": [True]}
+    table, count = jnp.zeros((5, 3)), jnp.int32(0)
     with pytest.raises(ValueError, match="differ"):
-        kernels.optimizer_update([jnp.zeros(3)], [], [jnp.zeros(3)], jnp.zeros(3), **args)
+        kernels.optimizer_update([jnp.zeros(3)], [], [jnp.zeros(3)], table, count, **args)
+    p = [jnp.zeros((2, 3))]
     with pytest.raises(ValueError, match=r"shape \(4,\), expected \(6,\)"):
-        kernels.optimizer_update(
-            [jnp.zeros((2, 3))], [jnp.zeros((2, 3))], [jnp.zeros(4)], jnp.zeros(3), **args
-        )
+        kernels.optimizer_update(p, p, [jnp.zeros(4)], table, count, **args)
+    with pytest.raises(ValueError, match=r"table of shape \(3,\), expected \(steps, 3\)"):
+        kernels.optimizer_update(p, p, [jnp.zeros(6)], jnp.zeros(3), count, **args)
 
 
 @needs_native

@@ -374,7 +374,7 @@ def test_native_optimizer_step_matches_optax(optimizer: str) -> None:
     p_n = p_r = params
     step_n, step_r = jax.jit(native.step), jax.jit(reference.step)
     rng = np.random.default_rng(0)
-    for _ in range(6):
+    for _ in range(cfg.steps):  # the whole recipe: warm-up, then the cosine decay
         grads = jax.tree.map(lambda p: rng.standard_normal(p.shape).astype(np.float32), params)
         p_n, state_n = step_n(grads, state_n, p_n)
         p_r, state_r = step_r(grads, state_r, p_r)
@@ -384,7 +384,26 @@ def test_native_optimizer_step_matches_optax(optimizer: str) -> None:
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
         moved = max(moved, float(np.max(np.abs(np.asarray(b) - np.asarray(p0)))))
     assert moved > 1e-3  # the steps did move the parameters
-    assert int(state_n["count"]) == 6
+    assert int(state_n["count"]) == cfg.steps
+    # The step's coefficients come from a table of the recipe: one step more is refused.
+    with pytest.raises(ValueError, match="step 12 is past the recipe.s 12 steps"):
+        step_n(grads, state_n, p_n)
+
+
+def test_coefficient_table_is_the_schedule_computed_in_a_step() -> None:
+    """Row t of the table is bit for bit what a train step computed from its count: optax's
+    learning rate and Adam's bias corrections for step t; computed once per recipe."""
+    cfg = dataclasses.replace(CFG, steps=30, warmup_steps=5)
+    table = train.coefficient_table(cfg)
+    assert table.shape == (30, 3) and table.dtype == np.float32
+    assert train.coefficient_table(cfg) is table
+    one = jax.jit(lambda t: train._coefficients(cfg, t))
+    for t in (0, 4, 5, 17, 29):
+        assert np.array_equal(table[t], np.asarray(one(np.int32(t)))), t
+    schedule = train.make_schedule(cfg)
+    assert callable(schedule)
+    np.testing.assert_allclose(table[:, 0], [schedule(t) for t in range(30)], rtol=1e-5)
+    assert table[0, 0] == 0.0 and table[5, 0] == np.float32(cfg.learning_rate)
 
 
 def test_native_train_step_updates_every_parameter_in_one_call() -> None:

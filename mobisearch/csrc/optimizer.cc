@@ -5,7 +5,10 @@
 // Through optax, XLA compiles the update of each parameter array as its own fused loop:
 // about 80 of the ~100 kernels of a MobileNet train step, two thirds of its compile time.
 // Here it is one call. The step-dependent scalars (learning rate, Adam's bias corrections)
-// come from JAX as a float32[3] buffer, so the schedule stays optax's.
+// come as a float32[steps, 3] table that JAX computed once per recipe with optax's schedule
+// (so the schedule stays optax's), and the call reads row `count` and returns count + 1: the
+// schedule's dozen scalar operations are no longer traced, lowered and compiled (two LLVM
+// kernels) into every candidate's train step.
 //
 // Per element, in optax's order and float32 (c1 = 1 - b1, c2 = 1 - b2, rounded in Python):
 //   AdamW: m' = c1·g + b1·m; v' = c2·g² + b2·v;
@@ -22,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "parallel.h"
@@ -85,16 +89,25 @@ void UpdateRange(const Leaf& l, const Hyper& h, int64_t e0, int64_t e1) {
   }
 }
 
-ffi::Error Update(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> coeffs, ffi::RemainingArgs args,
+ffi::Error Update(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> count,
+                  ffi::RemainingArgs args, ffi::ResultBuffer<ffi::S32> new_count,
                   ffi::RemainingRets rets, int32_t adam, float b1, float c1, float b2, float c2,
                   float eps, float wd, ffi::Span<const int32_t> decay) {
   const int64_t n = static_cast<int64_t>(decay.size());
   const int64_t moments = adam ? 2 : 1;
-  if (coeffs.element_count() != 3) return ffi::Error::InvalidArgument("coeffs must be f32[3]");
+  const auto td = table.dimensions();
+  if (td.size() != 2 || td[1] != 3) return ffi::Error::InvalidArgument("table must be f32[steps, 3]");
+  if (count.element_count() != 1) return ffi::Error::InvalidArgument("count must be one int32");
+  const int64_t step = count.typed_data()[0];
+  if (step < 0 || step >= td[0])
+    return ffi::Error::InvalidArgument("optimizer step " + std::to_string(step) +
+                                       " is past the recipe's " + std::to_string(td[0]) +
+                                       " steps (its coefficient table)");
   if (static_cast<int64_t>(args.size()) != 2 * n + moments ||
       static_cast<int64_t>(rets.size()) != n + moments)
     return ffi::Error::InvalidArgument("need params and grads for every flag, and the moments");
-  const float* c = coeffs.typed_data();
+  new_count->typed_data()[0] = static_cast<int32_t>(step + 1);
+  const float* c = table.typed_data() + 3 * step;
   const Hyper h{adam != 0, b1, c1, b2, c2, eps, wd, -c[0], c[1], c[2]};
   std::vector<Leaf> leaves(static_cast<size_t>(n));
   std::vector<int64_t> starts(static_cast<size_t>(n + 1), 0);
@@ -147,8 +160,10 @@ ffi::Error Update(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> coeffs, ffi::Remai
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MobisearchOptimizerUpdate, Update,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // [lr, bc1, bc2]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // [steps, (lr, bc1, bc2)]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // count: this step's row
                                   .RemainingArgs()  // params, grads: n each; flat m[, v]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // count + 1
                                   .RemainingRets()  // params: n; flat m[, v]
                                   .Attr<int32_t>("adam")
                                   .Attr<float>("b1")
