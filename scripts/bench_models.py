@@ -274,7 +274,7 @@ def mobisearch_runner(case: Case, impl: str | None = None) -> Runner:
         return Runner(call, device, _first_call(call), forward.compile_s, note)
 
     cfg = TrainConfig(
-        steps=1000,
+        steps=1000,  # rows of the optimizer's coefficient table: more than the calls timed
         batch_size=case.batch,
         optimizer="adamw",
         learning_rate=LEARNING_RATE,
