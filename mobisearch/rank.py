@@ -27,6 +27,7 @@ from mobisearch.train import (
     compiled_forward,
     evaluate,
     precompile_forward,
+    prepare_recipe,
     train_and_evaluate,
 )
 
@@ -129,6 +130,7 @@ class Ranker:
         self.latency_batch = latency_batch or space.latency.batch_size
         self.depthwise = depthwise or default_depthwise_impl()
         self.stats = image_mean_std(data.x_train)
+        prepare_recipe(self.train_cfg, self.depthwise)  # shared by every candidate
 
     def checkpoint_path(self, arch: ArchSpec) -> pathlib.Path:
         return self.checkpoint_dir / f"{arch.display_id}.msgpack"

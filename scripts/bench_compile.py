@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, batch, depthwise = space.train, space.latency.batch_size, default_depthwise_impl()
     assert cfg is not None  # _load_data refuses a space without [train]
     train.prepare_process()  # as the search does
+    train.prepare_recipe(cfg, depthwise)
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-compile-cache-") as cache:

@@ -414,3 +414,18 @@ def test_native_train_step_updates_every_parameter_in_one_call() -> None:
     assert hlo.count('custom_call_target="mobisearch_optimizer_update"') == 1
     shift = train._compile_train(arch, CFG, "shift", 64).step.as_text()
     assert "mobisearch_optimizer_update" not in shift
+
+
+def test_prepare_recipe_computes_the_native_step_s_table_once() -> None:
+    """A search computes the recipe's coefficient table before its first candidate (and
+    only for the native step, which reads it)."""
+    train.coefficient_table.cache_clear()
+    train.prepare_recipe(CFG, "shift")
+    assert train.coefficient_table.cache_info().currsize == 0
+    if jax.default_backend() != "cpu" or not kernels.available():
+        pytest.skip("needs the CPU backend and the native kernels")
+    train.prepare_recipe(CFG, "native")
+    assert train.coefficient_table.cache_info().currsize == 1
+    hits = train.coefficient_table.cache_info().hits
+    train._compile_train(small_arch(0.5, resolution=12), CFG, "native", 64)
+    assert train.coefficient_table.cache_info().hits == hits + 1
