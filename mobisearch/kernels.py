@@ -55,6 +55,8 @@ __all__ = [
     "conv_kernel_grad",
     "depthwise_backward",
     "depthwise_forward",
+    "head_backward",
+    "head_forward",
     "library_path",
     "optimizer_update",
     "softmax_cross_entropy",
@@ -71,6 +73,7 @@ SOURCES = (
     _CSRC / "loss.cc",
     _CSRC / "batch.cc",
     _CSRC / "conv.cc",
+    _CSRC / "head.cc",
 )
 HEADERS = (_CSRC / "parallel.h",)
 #: Folder for built libraries (default `~/.cache/mobisearch/kernels`).
@@ -89,6 +92,8 @@ _AFFINE_ADD_TARGET = "mobisearch_affine_add"
 _XENT_TARGET = "mobisearch_softmax_cross_entropy"
 _TAKE_TARGET = "mobisearch_take_rows"
 _CONV_DK_TARGET = "mobisearch_conv_kernel_grad"
+_HEAD_FWD_TARGET = "mobisearch_head_fwd"
+_HEAD_BWD_TARGET = "mobisearch_head_bwd"
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
@@ -187,6 +192,8 @@ def _load() -> None:
         (_XENT_TARGET, lib.MobisearchSoftmaxCrossEntropy),
         (_TAKE_TARGET, lib.MobisearchTakeRows),
         (_CONV_DK_TARGET, lib.MobisearchConvKernelGrad),
+        (_HEAD_FWD_TARGET, lib.MobisearchHeadForward),
+        (_HEAD_BWD_TARGET, lib.MobisearchHeadBackward),
     ):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     _STATE["lib"] = lib  # keep the library loaded
@@ -296,6 +303,34 @@ def conv_kernel_grad(
     """
     shape = jax.ShapeDtypeStruct((k, k, x.shape[3], g.shape[3]), x.dtype)
     return jax.ffi.ffi_call(_CONV_DK_TARGET, shape)(x, g, **_attrs(stride, pads))
+
+
+def head_forward(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A MobileNet's classifier head on float32 NHWC `x`, natively: the global average pool
+    `pooled = mean over (h, w)`, then `logits = pooled @ kernel + bias` (`kernel` `[C, K]`).
+    Call `available()` first.
+
+    Returns:
+      `(logits, pooled)`, `[b, K]` and `[b, C]`.
+    """
+    b, k = x.shape[0], kernel.shape[1]
+    out = (jax.ShapeDtypeStruct((b, k), x.dtype), jax.ShapeDtypeStruct((b, x.shape[3]), x.dtype))
+    logits, pooled = jax.ffi.ffi_call(_HEAD_FWD_TARGET, out)(x, kernel, bias)
+    return logits, pooled
+
+
+def head_backward(
+    pooled: jax.Array, kernel: jax.Array, g: jax.Array, x_shape: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Gradients of `head_forward` for the logits' cotangent `g`, from its `pooled` output:
+    `(dx, dkernel, dbias)`, `dx` of `x_shape` (each pixel gets `(g @ kernel.T) / (h·w)`)."""
+    out = (
+        jax.ShapeDtypeStruct(tuple(x_shape), g.dtype),
+        jax.ShapeDtypeStruct(kernel.shape, g.dtype),
+        jax.ShapeDtypeStruct((kernel.shape[1],), g.dtype),
+    )
+    dx, dk, db = jax.ffi.ffi_call(_HEAD_BWD_TARGET, out)(pooled, kernel, g)
+    return dx, dk, db
 
 
 def _bn_attrs(epsilon: float, relu: bool) -> dict[str, np.float32 | np.int32]:

@@ -752,11 +752,6 @@ def _stem_conv(x: Array, kernel: Array, stride: int) -> Array:
     )
 
 
-def _dense(x: Array, kernel: Array, bias: Array) -> Array:
-    """`nnx.Linear`'s computation: `x @ kernel + bias`."""
-    return lax.dot_general(x, kernel, (((1,), (0,)), ((), ()))) + bias.reshape(1, -1)
-
-
 def _network_forward(
     layers: tuple[LayerSpec, ...], weights: tuple[Any, ...], stats: tuple[Any, ...], x: Array
 ) -> tuple[tuple[Array, tuple[Any, ...]], tuple[Any, ...]]:
@@ -781,8 +776,7 @@ def _network_forward(
         saved.append((y, z, out, batch_mean, batch_var))
         new_stats.append((new_mean, new_var))
         y = out + block_in if layer.residual else out
-    pooled = jnp.mean(y, axis=(1, 2))  # global average pool
-    logits = _dense(pooled, *weights[-1])
+    logits, pooled = kernels.head_forward(y, *weights[-1])  # global average pool, dense
     return (logits, tuple(new_stats)), (tuple(saved), pooled)
 
 
@@ -806,12 +800,7 @@ def _native_network_bwd(layers, res, cts):  # type: ignore[no-untyped-def]
     weights, saved, pooled, x_for_dx = res
     g = cts[0]  # the running averages' cotangents are not used: they are not differentiated
     head_kernel, _ = weights[-1]
-    # The gradients of `_dense` and `_pointwise` as single dot_generals, contracting the
-    # batch (and pixels) without reshapes or transposes around them.
-    d_head = (lax.dot_general(pooled, g, (((0,), (0,)), ((), ()))), jnp.sum(g, axis=0))
-    d_pooled = lax.dot_general(g, head_kernel, (((1,), (1,)), ((), ())))
-    b, h, w, c = saved[-1][2].shape
-    dy = jnp.broadcast_to((d_pooled / float(h * w))[:, None, None, :], (b, h, w, c))
+    dy, *d_head = kernels.head_backward(pooled, head_kernel, g, saved[-1][2].shape)
     grads: list[Any] = []
     skip = None  # the cotangent of a residual block's output, owed to its input
     dx = None
@@ -844,7 +833,7 @@ def _native_network_bwd(layers, res, cts):  # type: ignore[no-untyped-def]
                 _, vjp = jax.vjp(lambda x, k=kernel, s=layer.stride: _stem_conv(x, k, s), y)
                 (dx,) = vjp(dz)
         grads.append((d_kernel, d_scale, d_bias))
-    return (*reversed(grads), d_head), None, dx
+    return (*reversed(grads), tuple(d_head)), None, dx
 
 
 _native_network.defvjp(_native_network_fwd, _native_network_bwd, symbolic_zeros=True)
@@ -1286,4 +1275,6 @@ def inference_apply(
         if layer.residual:
             y = y + block_in
     kernel, bias = state[-1]
+    if depthwise == "native" and _native_handles(y, kernel, bias):
+        return kernels.head_forward(y, kernel, bias)[0]
     return jnp.dot(jnp.mean(y, axis=(1, 2)), kernel) + bias.reshape(1, -1)

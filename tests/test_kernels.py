@@ -74,7 +74,7 @@ def test_turned_off_by_the_environment(tmp_path: pathlib.Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "which", ["depthwise.cc", "batchnorm.cc", "loss.cc", "conv.cc", "parallel.h"]
+    "which", ["depthwise.cc", "batchnorm.cc", "loss.cc", "conv.cc", "head.cc", "parallel.h"]
 )
 def test_library_path_changes_with_the_sources(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, which: str
@@ -166,6 +166,33 @@ def test_conv_kernel_grad_is_xla_s(
     assert got.shape == kernel.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     assert jnp.array_equal(got, grad(x, g))
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("b", "hw", "c", "k"), [(128, 2, 64, 10), (1, 2, 1024, 10), (3, 5, 7, 3), (40, 1, 33, 1000)]
+)
+def test_head_is_mean_pool_then_dense(b: int, hw: int, c: int, k: int) -> None:
+    """The native head: XLA's `mean over (h, w) @ kernel + bias` and its gradients (for
+    the image, the kernel and the bias), batches split over threads or not."""
+    kx, kw, kb, kg = jax.random.split(jax.random.key(c), 4)
+    x = jax.random.normal(kx, (b, hw, hw, c))
+    kernel, bias = jax.random.normal(kw, (c, k)), jax.random.normal(kb, (k,))
+    g = jax.random.normal(kg, (b, k))
+
+    def reference(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+        return jnp.dot(jnp.mean(x, axis=(1, 2)), kernel) + bias.reshape(1, -1)
+
+    want, vjp = jax.vjp(reference, x, kernel, bias)
+    logits, pooled = jax.jit(kernels.head_forward)(x, kernel, bias)
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(pooled, jnp.mean(x, axis=(1, 2)), rtol=1e-6, atol=1e-6)
+    grads = jax.jit(lambda p, w, g: kernels.head_backward(p, w, g, x.shape))(pooled, kernel, g)
+    # dx sums k products per pixel: float32 rounding grows with k.
+    atol = 1e-5 * max(1.0, np.sqrt(k / 10))
+    for name, got, ref in zip(("dx", "dkernel", "dbias"), grads, vjp(g), strict=True):
+        assert got.shape == ref.shape, name
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=atol, err_msg=name)
 
 
 @needs_native
