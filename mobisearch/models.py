@@ -616,10 +616,17 @@ class PointwiseConv(nnx.Module, pytree=False):
 
 
 def _pointwise(x: Array, kernel: Array) -> Array:
-    """`[b, h, w, C_in]` times a `(1, 1, C_in, C_out)` kernel: one dot over the channels.
+    """`[b, h, w, C_in]` times a `(1, 1, C_in, C_out)` kernel, as a 2-D dot on the pixels
+    (what `PointwiseConv` differentiates: the kernel gradient of a dot contracting the
+    pixels of 4-D arrays made XLA transpose its input)."""
+    k = kernel[0, 0]
+    return jnp.dot(x.reshape(-1, k.shape[0]), k).reshape(*x.shape[:-1], k.shape[1])
 
-    (Two operations to trace and lower; a 2-D dot on the pixels, with the kernel's squeeze
-    and the reshapes around it, took four, and each one costs compile time.)"""
+
+def _pointwise_nd(x: Array, kernel: Array) -> Array:
+    """`_pointwise` as one dot over the channels, for the programs that are not
+    differentiated by JAX (the native network's forward, whose backward is written out,
+    and `inference_apply`): two operations to trace and lower instead of four."""
     return lax.dot_general(x, kernel.reshape(kernel.shape[2:]), (((3,), (0,)), ((), ())))
 
 
@@ -767,7 +774,7 @@ def _network_forward(
             block_in = y
             z, _ = _native_fwd(y, kernel, layer.stride)
         elif layer.op == "pw":
-            z = _pointwise(y, kernel)
+            z = _pointwise_nd(y, kernel)
         else:
             z = _stem_conv(y, kernel, layer.stride)
         out, batch_mean, batch_var, new_mean, new_var = kernels.batch_norm_forward(
@@ -1264,7 +1271,7 @@ def inference_apply(
                 continue
             y = depthwise_conv(y, kernel, stride=layer.stride, impl=depthwise)
         elif layer.op == "pw":
-            y = _pointwise(y, kernel)
+            y = _pointwise_nd(y, kernel)
         else:
             y = _stem_conv(y, kernel, layer.stride)
         if depthwise == "native" and _native_handles(y, a, b):
