@@ -18,7 +18,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "parallel.h"
@@ -30,6 +29,7 @@ namespace {
 
 using mobisearch::NumChunks;
 using mobisearch::ParallelFor;
+using mobisearch::SumChunks;
 
 struct ConvGeometry {
   int64_t h, w, ci, k, oh, ow, co, stride, lo_h, lo_w;
@@ -129,12 +129,7 @@ ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   ParallelFor(pool, chunks, [&](int64_t t) {
     KernelGradChunk(g, xp, gp, partial.data() + t * taps, n * t / chunks, n * (t + 1) / chunks);
   });
-  float* out = dk->typed_data();
-  std::memcpy(out, partial.data(), taps * sizeof(float));
-  for (int64_t t = 1; t < chunks; ++t) {
-    const float* p = partial.data() + t * taps;
-    for (int64_t i = 0; i < taps; ++i) out[i] += p[i];
-  }
+  SumChunks(partial.data(), chunks, taps, dk->typed_data());
   return ffi::Error::Success();
 }
 

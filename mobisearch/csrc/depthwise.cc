@@ -30,6 +30,7 @@ namespace {
 
 using mobisearch::NumChunks;
 using mobisearch::ParallelFor;
+using mobisearch::SumChunks;
 
 struct Geometry {
   int64_t n, h, w, c, k, oh, ow, stride, lo_h, lo_w;
@@ -209,12 +210,7 @@ ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     BackwardChunk(g, xd, wd, dyd, dxd, partial.data() + t * taps, g.n * t / chunks,
                   g.n * (t + 1) / chunks);
   });
-  float* dwd = dw->typed_data();
-  std::memcpy(dwd, partial.data(), taps * sizeof(float));
-  for (int64_t t = 1; t < chunks; ++t) {
-    const float* p = partial.data() + t * taps;
-    for (int64_t i = 0; i < taps; ++i) dwd[i] += p[i];
-  }
+  SumChunks(partial.data(), chunks, taps, dw->typed_data());
   return ffi::Error::Success();
 }
 

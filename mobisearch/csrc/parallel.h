@@ -8,6 +8,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <mutex>
 
@@ -51,6 +52,17 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, Body body) {
   run();
   std::unique_lock<std::mutex> lock(state->mu);
   state->cv.wait(lock, [&] { return state->done == chunks; });
+}
+
+// out = the sum of `chunks` partial results of `size` floats each (chunk t at
+// partial + t·size), added in chunk order: the result does not depend on which thread ran
+// which chunk.
+inline void SumChunks(const float* partial, int64_t chunks, int64_t size, float* out) {
+  std::memcpy(out, partial, size * sizeof(float));
+  for (int64_t t = 1; t < chunks; ++t) {
+    const float* p = partial + t * size;
+    for (int64_t i = 0; i < size; ++i) out[i] += p[i];
+  }
 }
 
 inline int64_t NumChunks(ffi::ThreadPool& pool, int64_t n) {
