@@ -955,16 +955,17 @@ def _conv_layer_path(j: int) -> tuple[Any, ...]:
     return ("stem",) if j == 0 else ("blocks", (j - 1) // 2, "dw" if j % 2 else "pw")
 
 
-def _leaf_index(tree: Any, what: str) -> dict[tuple[Any, ...], int]:
-    """`{path: position}` of `tree`'s leaves in `jax.tree.leaves` order; a path is the keys
-    (`nnx.State`'s dict keys, then the Variable's `value`)."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+def _indexed_leaves(tree: Any, what: str) -> tuple[list[Any], Any, dict[tuple[Any, ...], int]]:
+    """`tree`'s leaves and treedef (as `jax.tree.flatten` gives them) and `{path: position}`
+    of each leaf, from one flatten; a path is the keys (`nnx.State`'s dict keys, then the
+    Variable's `value`)."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     index = {}
     for i, (keys, _) in enumerate(flat):
         index[tuple(getattr(k, "key", getattr(k, "name", k)) for k in keys)] = i
     if not index:
         raise ValueError(f"native_loss_and_grads: no {what} arrays")
-    return index
+    return [leaf for _, leaf in flat], treedef, index
 
 
 def native_loss_and_grads(
@@ -997,9 +998,8 @@ def native_loss_and_grads(
     Raises:
       ValueError: if `params` or `rest` lacks an array the layers need.
     """
-    p_leaves, p_def = jax.tree.flatten(params)
-    r_leaves, r_def = jax.tree.flatten(rest)
-    p_at, r_at = _leaf_index(params, "parameter"), _leaf_index(rest, "statistic")
+    p_leaves, p_def, p_at = _indexed_leaves(params, "parameter")
+    r_leaves, r_def, r_at = _indexed_leaves(rest, "statistic")
 
     def at(index: dict[tuple[Any, ...], int], path: tuple[Any, ...]) -> int:
         if path not in index:

@@ -346,10 +346,6 @@ def _coefficients(cfg: TrainConfig, count: jax.Array) -> jax.Array:
     )
 
 
-# NOTE: computed in every train step, the schedule and bias corrections were a dozen scalar
-# operations to trace and lower, and two LLVM-compiled XLA kernels, in every candidate's
-# program; as a table computed once per recipe, the same values bit for bit (one program
-# compiled once per process and recipe).
 def prepare_recipe(cfg: TrainConfig, depthwise: str | None = None) -> None:
     """Once per search, before the first candidate: what every candidate's train step of
     the recipe `cfg` shares, computed now rather than in the first candidate's compile (the
@@ -358,6 +354,10 @@ def prepare_recipe(cfg: TrainConfig, depthwise: str | None = None) -> None:
         coefficient_table(cfg)
 
 
+# NOTE: computed in every train step, the schedule and bias corrections were a dozen scalar
+# operations to trace and lower, and two LLVM-compiled XLA kernels, in every candidate's
+# program; as a table computed once per recipe, the same values bit for bit (one program
+# compiled once per process and recipe).
 @functools.lru_cache(maxsize=8)
 def coefficient_table(cfg: TrainConfig) -> np.ndarray:
     """`[cfg.steps, 3]` float32: row `t` the `[lr, bc1, bc2]` of step `t` of the recipe
