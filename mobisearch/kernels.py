@@ -59,6 +59,7 @@ __all__ = [
     "head_forward",
     "library_path",
     "optimizer_update",
+    "pointwise_kernel_grad",
     "softmax_cross_entropy",
     "take_rows",
     "unavailable_reason",
@@ -74,6 +75,7 @@ SOURCES = (
     _CSRC / "batch.cc",
     _CSRC / "conv.cc",
     _CSRC / "head.cc",
+    _CSRC / "pointwise.cc",
 )
 HEADERS = (_CSRC / "parallel.h",)
 #: Folder for built libraries (default `~/.cache/mobisearch/kernels`).
@@ -94,6 +96,7 @@ _TAKE_TARGET = "mobisearch_take_rows"
 _CONV_DK_TARGET = "mobisearch_conv_kernel_grad"
 _HEAD_FWD_TARGET = "mobisearch_head_fwd"
 _HEAD_BWD_TARGET = "mobisearch_head_bwd"
+_PW_DK_TARGET = "mobisearch_pointwise_kernel_grad"
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
@@ -194,6 +197,7 @@ def _load() -> None:
         (_CONV_DK_TARGET, lib.MobisearchConvKernelGrad),
         (_HEAD_FWD_TARGET, lib.MobisearchHeadForward),
         (_HEAD_BWD_TARGET, lib.MobisearchHeadBackward),
+        (_PW_DK_TARGET, lib.MobisearchPointwiseKernelGrad),
     ):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     _STATE["lib"] = lib  # keep the library loaded
@@ -303,6 +307,19 @@ def conv_kernel_grad(
     """
     shape = jax.ShapeDtypeStruct((k, k, x.shape[3], g.shape[3]), x.dtype)
     return jax.ffi.ffi_call(_CONV_DK_TARGET, shape)(x, g, **_attrs(stride, pads))
+
+
+def pointwise_kernel_grad(y: jax.Array, dz: jax.Array) -> jax.Array:
+    """Kernel gradient of a 1×1 convolution of float32 NHWC `y` with a `[1, 1, Cin, Cout]`
+    kernel, for the output cotangent `dz` (`[..., Cout]`, the same leading axes), natively:
+    `dk[0, 0, ci, co] = Σ_p y[p, ci] · dz[p, co]` over every pixel `p` of the batch. Call
+    `available()` first.
+
+    Returns:
+      `dk`, `[1, 1, Cin, Cout]`.
+    """
+    shape = jax.ShapeDtypeStruct((1, 1, y.shape[-1], dz.shape[-1]), y.dtype)
+    return jax.ffi.ffi_call(_PW_DK_TARGET, shape)(y, dz)
 
 
 def head_forward(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -170,6 +170,35 @@ def test_conv_kernel_grad_is_xla_s(
 
 @needs_native
 @pytest.mark.parametrize(
+    ("b", "hw", "cin", "cout"),
+    [
+        (16, 28, 16, 32),  # many pixels, few channels: pixel chunks, partial sums
+        (8, 4, 512, 512),  # few pixels, many blocks: column blocks split, packed rows
+        (40, 1, 300, 40),  # few columns: row blocks split, packed y only
+        (3, 5, 11, 37),  # channels off the register blocks: partial blocks and tail columns
+        (2, 3, 7, 300),  # packed dz with a tail
+        (1, 1, 1, 1),
+    ],
+)
+def test_pointwise_kernel_grad_is_xla_s(b: int, hw: int, cin: int, cout: int) -> None:
+    """The pointwise kernel gradient equals the one JAX derives for the 1×1 convolution (a
+    dot over the channels), and is the same on every call (chunks summed in a fixed order)."""
+    ky, kk, kg = jax.random.split(jax.random.key(cin * cout), 3)
+    y = jax.random.normal(ky, (b, hw, hw, cin))
+    kernel = jax.random.normal(kk, (1, 1, cin, cout))
+    g = jax.random.normal(kg, (b, hw, hw, cout))
+    _, vjp = jax.vjp(lambda k: jnp.einsum("bhwi,io->bhwo", y, k[0, 0]), kernel)
+    (want,) = vjp(g)
+    grad = jax.jit(kernels.pointwise_kernel_grad)
+    got = grad(y, g)
+    assert got.shape == kernel.shape
+    # Sums of b·hw² products: float32 rounding grows with their number.
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(b * hw * hw))
+    assert jnp.array_equal(got, grad(y, g))
+
+
+@needs_native
+@pytest.mark.parametrize(
     ("b", "hw", "c", "k"), [(128, 2, 64, 10), (1, 2, 1024, 10), (3, 5, 7, 3), (40, 1, 33, 1000)]
 )
 def test_head_is_mean_pool_then_dense(b: int, hw: int, c: int, k: int) -> None:
