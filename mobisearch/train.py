@@ -30,6 +30,7 @@ import math
 import os
 import pathlib
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -535,10 +536,21 @@ _CPU_TRAIN_COMPILER_OPTIONS: dict[str, str | bool] = {
 }
 
 
-@functools.cache
+# One probe at a time: the train step's and the eval programs' options are looked up on
+# two threads, and the same option probed on both at once compiled the same probe twice
+# (the second a hit in a persistent cache that was empty when the process started).
+_PROBE_LOCK = threading.Lock()
+
+
 def _xla_accepts(name: str, value: str | bool) -> bool:
     """Whether this jaxlib's XLA knows the compile option `name` (options come and go
-    between XLA versions; an unknown one fails the compile)."""
+    between XLA versions; an unknown one fails the compile). Probed once per process."""
+    with _PROBE_LOCK:
+        return _probe_option(name, value)
+
+
+@functools.cache
+def _probe_option(name: str, value: str | bool) -> bool:
     probe = jax.jit(lambda x: x + 1).lower(jax.ShapeDtypeStruct((1,), jnp.float32))
     try:
         probe.compile(compiler_options={name: value})

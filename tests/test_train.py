@@ -337,7 +337,7 @@ def test_prepare_process_exempts_the_heap_alive_then_from_the_collector() -> Non
         tracked = {id(o) for o in gc.get_objects()}
         assert gc.get_freeze_count() > 0
         assert id(before) not in tracked and id(after) in tracked
-        assert train._xla_accepts.cache_info().currsize >= 1
+        assert train._probe_option.cache_info().currsize >= 1
     finally:
         gc.unfreeze()  # leave the test process's collector as it was
 
