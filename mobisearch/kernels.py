@@ -7,10 +7,13 @@ otherwise compiles as a dozen separate fusions per layer (and for the eval-mode 
 and residual add that follow a convolution at inference, one fusion per layer otherwise),
 `csrc/optimizer.cc` for a train step's whole AdamW or SGD update, which XLA otherwise
 compiles as one kernel per parameter array, and `csrc/loss.cc` for its softmax
-cross-entropy and gradient (a dozen small fusions otherwise). The first call of `available()`
-compiles them with the system C++ compiler against the FFI headers that ship with jaxlib
-(`jax.ffi.include_dir()`), caches the shared library, loads it and registers the handlers
-for the `cpu` platform. Nothing is downloaded.
+cross-entropy and gradient (a dozen small fusions otherwise). `csrc/conv.cc` and
+`csrc/pointwise.cc` compute the kernel gradients of the stem and of the pointwise
+convolutions (XLA emits the first through LLVM and gives the second to Eigen), and
+`csrc/head.cc` the classifier head (pool, dense, bias) and its gradients. The first call
+of `available()` compiles them with the system C++ compiler against the FFI headers that
+ship with jaxlib (`jax.ffi.include_dir()`), caches the shared library, loads it and
+registers the handlers for the `cpu` platform. Nothing is downloaded.
 
 The library is cached under `$MOBISEARCH_KERNEL_DIR` (default
 `$XDG_CACHE_HOME/mobisearch/kernels`, i.e. `~/.cache/mobisearch/kernels`), in a folder named
