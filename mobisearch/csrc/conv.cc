@@ -18,7 +18,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <vector>
 
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
@@ -28,8 +27,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 using mobisearch::NumChunks;
-using mobisearch::ParallelFor;
-using mobisearch::SumChunks;
+using mobisearch::ParallelSum;
 
 struct ConvGeometry {
   int64_t h, w, ci, k, oh, ow, co, stride, lo_h, lo_w;
@@ -92,11 +90,10 @@ void KernelGradRowAny(const ConvGeometry& g, const float* __restrict x,
   }
 }
 
-// dk = Σ over images [n0, n1), output pixels and taps of x[tap] · dy[pixel] ([k, k, Ci, Co]).
+// dk += Σ over images [n0, n1), output pixels and taps of x[tap] · dy[pixel] ([k, k, Ci, Co]).
 void KernelGradChunk(const ConvGeometry& g, const float* __restrict x,
                      const float* __restrict dy, float* __restrict dk, int64_t n0,
                      int64_t n1) {
-  std::fill(dk, dk + g.k * g.k * g.ci * g.co, 0.0f);
   auto row = KernelGradRowAny;
   if (g.co == 8) row = KernelGradRow<8, 1>;
   if (g.co == 16) row = KernelGradRow<8, 2>;
@@ -123,13 +120,11 @@ ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const ConvGeometry g{xd[1], xd[2], xd[3], kd[0], gd[1], gd[2], gd[3], stride, lo_h, lo_w};
   const int64_t n = xd[0], taps = g.k * g.k * g.ci * g.co;
   const int64_t chunks = NumChunks(pool, n);
-  std::vector<float> partial(static_cast<size_t>(chunks * taps));
   const float* xp = x.typed_data();
   const float* gp = dy.typed_data();
-  ParallelFor(pool, chunks, [&](int64_t t) {
-    KernelGradChunk(g, xp, gp, partial.data() + t * taps, n * t / chunks, n * (t + 1) / chunks);
+  ParallelSum(pool, chunks, taps, dk->typed_data(), [&](int64_t t, float* partial) {
+    KernelGradChunk(g, xp, gp, partial, n * t / chunks, n * (t + 1) / chunks);
   });
-  SumChunks(partial.data(), chunks, taps, dk->typed_data());
   return ffi::Error::Success();
 }
 

@@ -19,7 +19,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <vector>
 
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
@@ -30,7 +29,7 @@ namespace {
 
 using mobisearch::NumChunks;
 using mobisearch::ParallelFor;
-using mobisearch::SumChunks;
+using mobisearch::ParallelSum;
 
 struct Geometry {
   int64_t n, h, w, c, k, oh, ow, stride, lo_h, lo_w;
@@ -119,12 +118,12 @@ void ForwardRows(const Geometry& g, const float* __restrict x, const float* __re
   }
 }
 
+// Images [n0, n1): their dx, and their kernel gradient added into dw.
 void BackwardChunk(const Geometry& g, const float* __restrict x, const float* __restrict w,
                    const float* __restrict dy, float* __restrict dx, float* __restrict dw,
                    int64_t n0, int64_t n1) {
   const int64_t C = g.c;
   std::fill(dx + n0 * g.h * g.w * C, dx + n1 * g.h * g.w * C, 0.0f);
-  std::fill(dw, dw + g.k * g.k * C, 0.0f);
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t oh = 0; oh < g.oh; ++oh) {
       for (int64_t ow = 0; ow < g.ow; ++ow) {
@@ -201,16 +200,13 @@ ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return err;
   const int64_t chunks = NumChunks(pool, g.n);
   const int64_t taps = g.k * g.k * g.c;
-  std::vector<float> partial(static_cast<size_t>(chunks * taps));
   const float* xd = x.typed_data();
   const float* wd = w.typed_data();
   const float* dyd = dy.typed_data();
   float* dxd = dx->typed_data();
-  ParallelFor(pool, chunks, [&](int64_t t) {
-    BackwardChunk(g, xd, wd, dyd, dxd, partial.data() + t * taps, g.n * t / chunks,
-                  g.n * (t + 1) / chunks);
+  ParallelSum(pool, chunks, taps, dw->typed_data(), [&](int64_t t, float* partial) {
+    BackwardChunk(g, xd, wd, dyd, dxd, partial, g.n * t / chunks, g.n * (t + 1) / chunks);
   });
-  SumChunks(partial.data(), chunks, taps, dw->typed_data());
   return ffi::Error::Success();
 }
 

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -63,6 +64,21 @@ inline void SumChunks(const float* partial, int64_t chunks, int64_t size, float*
     const float* p = partial + t * size;
     for (int64_t i = 0; i < size; ++i) out[i] += p[i];
   }
+}
+
+// out ([size] floats) = the sum over chunks t of what body(t, partial) adds into its own
+// zeroed partial result, chunks run by ParallelFor and added in chunk order (SumChunks). One
+// chunk adds into out itself (zeroed first): the same numbers without the copy.
+template <typename Body>
+void ParallelSum(ffi::ThreadPool& pool, int64_t chunks, int64_t size, float* out, Body body) {
+  if (chunks <= 1) {
+    std::fill(out, out + size, 0.0f);
+    body(0, out);
+    return;
+  }
+  std::vector<float> partial(static_cast<size_t>(chunks * size), 0.0f);
+  ParallelFor(pool, chunks, [&](int64_t t) { body(t, partial.data() + t * size); });
+  SumChunks(partial.data(), chunks, size, out);
 }
 
 // Chunks for n units of work: four per pool thread (at most n). XLA runs independent

@@ -34,7 +34,7 @@ namespace {
 
 using mobisearch::NumChunks;
 using mobisearch::ParallelFor;
-using mobisearch::SumChunks;
+using mobisearch::ParallelSum;
 
 #if defined(__AVX512F__)
 constexpr int kL = 16;  // floats per vector
@@ -55,9 +55,9 @@ struct Gemm {
   int64_t ci, co;
 };
 
-// dk[i0 + m, j0 + b·L + l] += Σ_{p < n} yp[p·kMR + m] · dp[p·B·L + b·L + l], for m < MR,
-// b < B, l < L, from packed panels of y (kMR floats per pixel) and dz (B·L floats per
-// pixel): the block's MR·B vectors stay in registers over the pixels.
+// dk[i0 + m, j0 + b·L + l] += Σ_{p < n} yp[p·ys + m] · dp[p·ds + b·L + l], for m < MR,
+// b < B, l < L, from panels of y and dz (packed, or the arrays themselves with ys = Ci and
+// ds = Co): the block's MR·B vectors stay in registers over the pixels.
 template <int MR, int B>
 void Block(const float* __restrict yp, int64_t ys, const float* __restrict dp, int64_t ds,
            int64_t n, float* __restrict dk, int64_t co, int64_t i0, int64_t j0) {
@@ -125,9 +125,9 @@ int64_t PassPixels(int64_t ci, int64_t co) {
 }
 
 // dk rows [i0, i1) × columns [j0, j1) += the pixels [p0, p1)'s products, in passes of
-// PassPixels pixels: each pass packs its rows of y (kMR floats per pixel and row block)
-// and, per column block, of dz (B·L floats per pixel), so the blocks read contiguous
-// panels (rows of a large Ci or Co are 4 KiB or more apart: L1 set conflicts otherwise).
+// PassPixels pixels. Rows of kPackFrom floats or more are packed per pass, y's into kMR
+// floats per pixel and row block, dz's per column block into B·L floats per pixel, so the
+// blocks read contiguous panels (rows 4 KiB apart fall in the same L1 sets).
 void Accumulate(const Gemm& g, float* dk, int64_t i0, int64_t i1, int64_t j0, int64_t j1,
                 int64_t p0, int64_t p1) {
   const int64_t pass = PassPixels(g.ci, g.co);
@@ -185,7 +185,7 @@ ffi::Error PointwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y,
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   if (pixels < kSplitPixels && col_blocks * row_blocks >= 4 * threads) {
     // Few pixels, many blocks: one chunk per thread owns whole column (or row) blocks of dk
-    // over every pixel (each chunk packs the pass's rows of y itself).
+    // over every pixel (each chunk packs the rows of y it reads itself, when they are long).
     const int64_t chunks = threads;
     std::fill(out, out + ci * co, 0.0f);
     ParallelFor(pool, chunks, [&](int64_t t) {
@@ -203,17 +203,9 @@ ffi::Error PointwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y,
   // unless their partial results would pass kPartialFloats (one per thread then).
   const int64_t by_memory = std::max(threads, kPartialFloats / std::max<int64_t>(1, ci * co));
   const int64_t chunks = NumChunks(pool, std::min(pixels / pass, by_memory));
-  if (chunks == 1) {
-    std::fill(out, out + ci * co, 0.0f);
-    Accumulate(g, out, 0, ci, 0, co, 0, pixels);
-    return ffi::Error::Success();
-  }
-  std::vector<float> partial(static_cast<size_t>(chunks * ci * co), 0.0f);
-  ParallelFor(pool, chunks, [&](int64_t t) {
-    Accumulate(g, partial.data() + t * ci * co, 0, ci, 0, co, pixels * t / chunks,
-               pixels * (t + 1) / chunks);
+  ParallelSum(pool, chunks, ci * co, out, [&](int64_t t, float* partial) {
+    Accumulate(g, partial, 0, ci, 0, co, pixels * t / chunks, pixels * (t + 1) / chunks);
   });
-  SumChunks(partial.data(), chunks, ci * co, out);
   return ffi::Error::Success();
 }
 
