@@ -27,16 +27,19 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 BlockKind = Literal["dsa", "ds"]
 Rounding = Literal["keras", "div8"]
 LayerOp = Literal["conv", "dw", "pw", "pool", "fc"]
+IdStyle = Literal["uniform", "stages"]
 
 BLOCK_KINDS: tuple[str, ...] = ("dsa", "ds")
 ROUNDINGS: tuple[str, ...] = ("keras", "div8")
+ID_STYLES: tuple[str, ...] = ("uniform", "stages")
 # Version of the JSON form written by `ArchSpec.to_dict`.
 FORMAT_VERSION = 1
 
@@ -177,6 +180,49 @@ class BlockSpec:
         return f"{self.kind}_r{self.repeats}_k{self.kernel}_s{self.stride}_c{self.out_ch}"
 
 
+def expand_blocks(blocks: Iterable[BlockSpec]) -> tuple[BlockSpec, ...]:
+    """One `BlockSpec` per block: repeats written out, the stride on the first of each group.
+
+    Examples:
+      >>> [b.to_string() for b in expand_blocks([BlockSpec.from_string("dsa_r2_s2_c8")])]
+      ['dsa_r1_k3_s2_c8', 'dsa_r1_k3_s1_c8']
+    """
+    out = []
+    for group in blocks:
+        first = dataclasses.replace(group, repeats=1)
+        out.append(first)
+        if group.repeats > 1:
+            rest = first if group.stride == 1 else dataclasses.replace(first, stride=1)
+            out.extend([rest] * (group.repeats - 1))
+    return tuple(out)
+
+
+def merge_blocks(blocks: Iterable[BlockSpec]) -> tuple[BlockSpec, ...]:
+    """The shortest list of groups for the same blocks: a stride-1 block equal to the group
+    before it (but for the stride of that group's first block) joins it as a repeat.
+
+    `expand_blocks(merge_blocks(x)) == expand_blocks(x)`, and two lists of blocks with the
+    same expansion merge to the same groups.
+
+    Examples:
+      >>> text = ["dsa_s2_c8", "dsa_c8", "dsa_k5_c8"]
+      >>> [b.to_string() for b in merge_blocks(BlockSpec.from_string(t) for t in text)]
+      ['dsa_r2_k3_s2_c8', 'dsa_r1_k5_s1_c8']
+    """
+    out: list[BlockSpec] = []
+    for b in expand_blocks(blocks):
+        last = out[-1] if out else None
+        if (
+            last is not None
+            and b.stride == 1
+            and (b.kind, b.out_ch, b.kernel) == (last.kind, last.out_ch, last.kernel)
+        ):
+            out[-1] = dataclasses.replace(last, repeats=last.repeats + 1)
+        else:
+            out.append(b)
+    return tuple(out)
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class LayerSpec:
     """One concrete layer of a resolved architecture (NHWC, SAME padding).
@@ -208,6 +254,50 @@ class LayerSpec:
     residual: bool = False
 
 
+# NOTE: candidates of a search space share most of their block groups, and building
+# LayerSpecs dominates the cost of `resolve` (a fit report resolves thousands), so the layers
+# of a group are built once per (group, channels in, channels out, size in, first index).
+@functools.lru_cache(maxsize=1 << 14)
+def _group_layers(
+    group: BlockSpec, c: int, c_out: int, hw: int, first: int
+) -> tuple[tuple[LayerSpec, ...], int]:
+    """The dw and pw layers of one block group and the spatial size after it."""
+    layers = []
+    for r in range(group.repeats):
+        i = first + r
+        stride = group.stride if r == 0 else 1
+        out = same_out(hw, stride)
+        layers.append(
+            LayerSpec(
+                name=f"blocks/{i}/dw",
+                op="dw",
+                in_ch=c,
+                out_ch=c,
+                kernel=group.kernel,
+                stride=stride,
+                in_hw=hw,
+                out_hw=out,
+                groups=c,
+                block=i,
+            )
+        )
+        layers.append(
+            LayerSpec(
+                name=f"blocks/{i}/pw",
+                op="pw",
+                in_ch=c,
+                out_ch=c_out,
+                in_hw=out,
+                out_hw=out,
+                block=i,
+                act=group.kind == "dsa",
+                residual=group.kind == "ds" and stride == 1 and c == c_out,
+            )
+        )
+        hw, c = out, c_out
+    return tuple(layers), hw
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class ArchSpec:
     """A whole MobileNet-style network: stem conv → depthwise-separable stages → GAP → FC.
@@ -223,6 +313,10 @@ class ArchSpec:
       in_ch: input image channels (3 for RGB, 1 for grayscale).
       rounding: channel rounding policy, see `round_channels`.
       name: family prefix of the display id (`"mnv1"`).
+      id_style: how `display_id` names it: `"uniform"` (one width and one kernel for the
+        whole network, `mnv1_w075_r20_k5`) or `"stages"` (channels, kernels and depths per
+        stage, for per-stage search spaces); see `mobisearch.ids`. It names the network
+        and does not change it: `arch_key()` ignores it.
     """
 
     stages: tuple[tuple[BlockSpec, ...], ...]
@@ -235,6 +329,7 @@ class ArchSpec:
     in_ch: int = 3
     rounding: Rounding = "keras"
     name: str = "mnv1"
+    id_style: IdStyle = "uniform"
 
     def __post_init__(self) -> None:
         if not isinstance(self.stages, tuple) or not all(
@@ -260,6 +355,8 @@ class ArchSpec:
             raise ValueError(f"`rounding` (={self.rounding!r}) must be one of {ROUNDINGS}")
         if not isinstance(self.name, str) or not self.name.isidentifier():
             raise ValueError(f"`name` (={self.name!r}) must be a short identifier like 'mnv1'")
+        if self.id_style not in ID_STYLES:
+            raise ValueError(f"`id_style` (={self.id_style!r}) must be one of {ID_STYLES}")
 
     # --- derived views -------------------------------------------------------------------
 
@@ -284,17 +381,42 @@ class ArchSpec:
 
     @property
     def display_id(self) -> str:
-        """Short id in timm's preset naming, e.g. `mnv1_w075_r160_k5`.
+        """Short id, unique within a search space; the grammar is in `mobisearch.ids`.
+
+        `"uniform"` style, in timm's preset naming: `mnv1_w075_r160_k5` (`_075` = width
+        0.75, `kmix` when the kernels differ). `"stages"` style: resolution, stem channels,
+        then channels, kernels and depths per stage, e.g. `mnv1_r24_s16_c32-64-128_k3-5-3_d1-2-2`.
 
         Examples:
           >>> from mobisearch.presets import mobilenet_v1
           >>> mobilenet_v1(width=0.5, resolution=24, kernel=5).display_id
           'mnv1_w050_r24_k5'
         """
-        k = self.kernel
-        # Half-up rounding to hundredths (Python's round() is half-to-even).
-        w = int(self.width * 100 + 0.5)
-        return f"{self.name}_w{w:03d}_r{self.resolution}_k{k or 'mix'}"
+        from mobisearch import ids  # ids builds on this module
+
+        return ids.display_id(self)
+
+    def block_strings(self) -> tuple[tuple[str, ...], ...]:
+        """The network as timm's `arch_def` at width 1.0: per stage, block strings with the
+        resolved channel counts (width and rounding applied), runs of equal blocks merged.
+
+        Examples:
+          >>> from mobisearch.presets import mobilenet_v1
+          >>> mobilenet_v1(0.5).block_strings()[3]
+          ('dsa_r6_k3_s2_c256',)
+        """
+        from mobisearch import ids  # ids builds on this module
+
+        return ids.block_strings(self)
+
+    def arch_key(self) -> str:
+        """A canonical key of the resolved network: two architectures have the same key
+        exactly when `resolve()` gives them the same layers (names, widths, stage splits and
+        id styles that change nothing are ignored). See `mobisearch.ids.arch_key`.
+        """
+        from mobisearch import ids  # ids builds on this module
+
+        return ids.arch_key(self)
 
     def channels(self, base: int, field: str = "out_ch") -> int:
         """Apply the width multiplier and rounding policy; reject a result of 0."""
@@ -336,38 +458,10 @@ class ArchSpec:
         i = 0
         for group in self.blocks:
             c_out = self.channels(group.out_ch)
-            for r in range(group.repeats):
-                stride = group.stride if r == 0 else 1
-                out = same_out(hw, stride)
-                layers.append(
-                    LayerSpec(
-                        name=f"blocks/{i}/dw",
-                        op="dw",
-                        in_ch=c,
-                        out_ch=c,
-                        kernel=group.kernel,
-                        stride=stride,
-                        in_hw=hw,
-                        out_hw=out,
-                        groups=c,
-                        block=i,
-                    )
-                )
-                layers.append(
-                    LayerSpec(
-                        name=f"blocks/{i}/pw",
-                        op="pw",
-                        in_ch=c,
-                        out_ch=c_out,
-                        in_hw=out,
-                        out_hw=out,
-                        block=i,
-                        act=group.kind == "dsa",
-                        residual=group.kind == "ds" and stride == 1 and c == c_out,
-                    )
-                )
-                hw, c = out, c_out
-                i += 1
+            group_layers, hw = _group_layers(group, c, c_out, hw, i)
+            layers.extend(group_layers)
+            c = c_out
+            i += group.repeats
         layers.append(
             LayerSpec(
                 name="pool",
@@ -397,7 +491,11 @@ class ArchSpec:
     # --- serialization -------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict; `ArchSpec.from_dict(a.to_dict()) == a`."""
+        """A JSON-ready dict; `ArchSpec.from_dict(a.to_dict()) == a`.
+
+        `id_style` is written only when it is not `"uniform"`, so a uniform record keeps
+        exactly the keys every reader of format 1 knows.
+        """
         return {
             "format": FORMAT_VERSION,
             "name": self.name,
@@ -411,7 +509,7 @@ class ArchSpec:
             "in_ch": self.in_ch,
             "rounding": self.rounding,
             "arch_def": [[b.to_string() for b in stage] for stage in self.stages],
-        }
+        } | ({"id_style": self.id_style} if self.id_style != "uniform" else {})
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, source: str = "architecture") -> ArchSpec:

@@ -48,6 +48,7 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from decimal import Decimal, localcontext
 from typing import TYPE_CHECKING, Any
@@ -181,6 +182,13 @@ def layer_cost(layer: LayerSpec, *, dtype_bytes: int = 4) -> LayerCost:
     )
 
 
+# NOTE: the candidates of a search space repeat most of their layers, and a fit report
+# costs thousands of candidates; LayerCost is frozen, so sharing one per layer is safe.
+@functools.lru_cache(maxsize=1 << 15)
+def _layer_cost_cached(layer: LayerSpec, dtype_bytes: int) -> LayerCost:
+    return layer_cost(layer, dtype_bytes=dtype_bytes)
+
+
 def count_cost(arch: ArchSpec, *, dtype_bytes: int = 4) -> Cost:
     """Count the cost of a whole network from its resolved layers.
 
@@ -202,7 +210,7 @@ def count_cost(arch: ArchSpec, *, dtype_bytes: int = 4) -> Cost:
       (41030272, 475544, 463600)
     """
     _check_dtype_bytes(dtype_bytes)
-    by_layer = tuple(layer_cost(layer, dtype_bytes=dtype_bytes) for layer in arch.resolve())
+    by_layer = tuple(_layer_cost_cached(layer, dtype_bytes) for layer in arch.resolve())
     return Cost(
         macs=sum(c.macs for c in by_layer),
         params=sum(c.params for c in by_layer),

@@ -39,6 +39,7 @@ archs = st.builds(
     in_ch=st.integers(1, 4),
     rounding=st.sampled_from(("keras", "div8")),
     name=st.sampled_from(("mnv1", "tiny", "net_a")),
+    id_style=st.sampled_from(("uniform", "stages")),
 )
 # Architectures that resolve: every base channel count >= 16 and width >= 1/16.
 resolvable_archs = st.builds(
