@@ -25,7 +25,13 @@ from mobisearch.space import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED_COUNTS = {"mobilenet_v1_paper": 48, "fashion_mnist": 24, "mnist": 8, "quick": 4}
+SHIPPED_COUNTS = {
+    "mobilenet_v1_paper": 48,
+    "fashion_mnist": 24,
+    "mnist": 8,
+    "quick": 4,
+    "fashion_mnist_stages": 4 * 4 * (2 * 15) * (3 * 15) * (3 * 15) * (6 * 15) * (2 * 15),
+}
 
 # A small valid space; the error cases below edit one line of it.
 VALID = """\
@@ -91,10 +97,12 @@ def test_shipped_file_loads(name: str) -> None:
     space = load_space(path)
     assert space.path == str(path)
     assert space.name == name
-    assert len(space) == SHIPPED_COUNTS[name] == len(space.candidates())
-    cands = space.candidates()
-    assert len(set(cands)) == len(cands)
-    assert len({a.display_id for a in cands}) == len(cands)
+    assert len(space) == space.size() == SHIPPED_COUNTS[name]
+    if space.is_grid:
+        cands = space.candidates()
+        assert len(cands) == space.size()
+        assert len(set(cands)) == len(cands)
+        assert len({a.display_id for a in cands}) == len(cands)
     # Round trip through the TOML-shaped dict (what a study stores next to its results).
     assert SearchSpace.from_dict(space.to_dict(), source=space.path) == space
 
@@ -511,8 +519,17 @@ def test_resolve_space_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 @pytest.mark.parametrize("arg", ["fashion_mnsit", "nope/x.toml", ""])
 def test_resolve_space_path_missing(arg: str) -> None:
-    with pytest.raises(SpaceError, match="fashion_mnist, mnist, mobilenet_v1_paper, quick"):
+    shipped = "fashion_mnist, fashion_mnist_stages, mnist, mobilenet_v1_paper, quick"
+    with pytest.raises(SpaceError, match=shipped):
         resolve_space_path(arg)
+
+
+def test_configs_are_re_exported() -> None:
+    from mobisearch import config, space
+
+    assert space.TrainConfig is config.TrainConfig and space.DataConfig is config.DataConfig
+    assert space.LatencyConfig is config.LatencyConfig and space.SpaceError is config.SpaceError
+    assert {"DataConfig", "TrainConfig", "LatencyConfig", "SpaceError"} <= set(space.__all__)
 
 
 def test_arch_is_arch_spec() -> None:
@@ -524,7 +541,7 @@ def test_arch_is_arch_spec() -> None:
 
 def test_import_is_pure() -> None:
     code = (
-        "import sys, mobisearch.space; "
+        "import sys, mobisearch.space, mobisearch.stages, mobisearch.candidates, mobisearch.ids; "
         "bad = sorted(m for m in ('jax', 'flax', 'optax', 'optuna') if m in sys.modules); "
         "assert not bad, bad"
     )
