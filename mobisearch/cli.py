@@ -62,7 +62,7 @@ def _layer_table(arch: ArchSpec, cost: Cost) -> str:
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
-    """`mobisearch cost`: one architecture's cost, or every candidate of a space."""
+    """`mobisearch cost`: one architecture's cost, or how a space's candidates fit a budget."""
     if args.space is None:
         arch = mobilenet_v1(
             args.width,
@@ -77,26 +77,45 @@ def cmd_cost(args: argparse.Namespace) -> int:
         else:
             print(_layer_table(arch, cost))
         return 0
+    from mobisearch.fit import fit_record, fit_report, format_fit_report, plot_fit_report
     from mobisearch.space import load_space, resolve_space_path
 
     space = load_space(resolve_space_path(args.space))
+    budget = {"max_macs": args.budget, "max_params": args.max_params}
+    report = fit_report(space, **budget, sample_size=args.samples, seed=args.seed)
+    if space.is_grid:
+        # A grid is small: every candidate is listed, as a table or a JSON list.
+        _print_grid(space, args.budget, args.max_params, as_json=args.json)
+    elif args.json:
+        print(json.dumps({"space": space.path} | fit_record(report), indent=1))
+    if not args.json:
+        lines = format_fit_report(report)
+        print("\n".join([f"{space.path}: {lines[0]}", *lines[1:]]))
+    if args.plot:
+        plot_fit_report(report, args.plot, title=f"{space.name}: {space.path}")
+        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _print_grid(
+    space: SearchSpace, max_macs: int | None, max_params: int | None, *, as_json: bool
+) -> None:
     rows = [(a, count_cost(a)) for a in space.candidates()]
     rows.sort(key=lambda r: (r[1].macs, r[0].display_id))
     kept = [
         r
         for r in rows
-        if (args.budget is None or r[1].macs <= args.budget)
-        and (args.max_params is None or r[1].params <= args.max_params)
+        if (max_macs is None or r[1].macs <= max_macs)
+        and (max_params is None or r[1].params <= max_params)
     ]
-    if args.json:
+    if as_json:
         print(json.dumps([cost_record(a, c) for a, c in kept], indent=1))
-        return 0
+        return
     print(f"{'candidate':<22}{'MACs':>14}{'params':>12}{'peak act. bytes':>17}")
     for a, c in kept:
         print(f"{a.display_id:<22}{c.macs:>14,}{c.params:>12,}{c.peak_activation_bytes:>17,}")
     print(f"{len(kept)} of {len(rows)} candidates of {space.path}", end="")
-    print(f" within {format_count(args.budget)} MACs" if args.budget is not None else "")
-    return 0
+    print(f" within {format_count(max_macs)} MACs" if max_macs is not None else "")
 
 
 def _load_space(args: argparse.Namespace) -> SearchSpace:
@@ -363,7 +382,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", help="a search-space TOML file (or a shipped space's name)")
     p.add_argument("--budget", type=_count, help="keep candidates within this many MACs")
     p.add_argument("--max-params", type=_count, help="keep candidates within this many params")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--samples",
+        type=_count,
+        default=10_000,
+        help="candidates costed when a space is too large to cost them all (default 10K)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of that sample (default 0)")
+    p.add_argument("--plot", metavar="PNG", help="also draw the MACs/params histograms here")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON (a grid's candidates as a list; a per-stage space's fit report)",
+    )
     p.set_defaults(func=cmd_cost)
 
     def study_args(p: argparse.ArgumentParser) -> None:

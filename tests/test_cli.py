@@ -77,6 +77,50 @@ def test_cost_space_with_budget(capsys) -> None:  # type: ignore[no-untyped-def]
     assert {"params", "peak_activation_bytes"} <= set(rows[0])
 
 
+def test_cost_per_stage_space(capsys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    args = ["cost", "--space", "fashion_mnist_stages", "--budget", "3M", "--samples", "2K"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("fashion_mnist_stages.toml: 2.6e9 candidates (2,624,400,000)")
+    assert lines[1].startswith("within 3M MACs: about ")
+    assert "95% CI" in lines[1] and "of 2,000 sampled with seed 0" in lines[1]
+    assert lines[2].startswith("MACs of the sampled ones: ") and "MACs histogram:" in lines
+    plot = tmp_path / "fit.png"
+    assert main([*args, "--max-params", "100K", "--json", "--plot", str(plot)]) == 0
+    out = capsys.readouterr()
+    record = json.loads(out.out)
+    assert record["size"] == 2_624_400_000 and record["evaluated"] == 2000
+    assert record["max_params"] == 100_000 and record["params_range"][1] <= 100_000
+    assert record["ci95"][0] <= record["estimate"] <= record["ci95"][1]
+    assert plot.read_bytes()[:4] == b"\x89PNG" and "wrote" in out.err
+
+
+def test_cost_grid_space_text(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["cost", "--space", "quick", "--budget", "300K"]) == 0
+    out = capsys.readouterr().out
+    assert "3 of 4 candidates of" in out  # the table of every candidate, as before
+    assert "within 300K MACs: 3 of 4 candidates (75.00%, exact)" in out
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "needle"),
+    [
+        ("kernel = [3, 5, 7]", "kernel = [3, 4]", "axes.stages.kernel[1] = 4, expected an odd"),
+        ("[axes.stages.4]", "[axes.stages.5]", "axes.stages.5: no such stage; expected a stage"),
+        ("depth = 6 ", "depth = 0 ", "axes.stages.3.depth = 0, expected an integer"),
+    ],
+)
+def test_bad_per_stage_value_exits_2(tmp_path, old, new, needle) -> None:  # type: ignore[no-untyped-def]
+    text = (ROOT / "search_spaces" / "fashion_mnist_stages.toml").read_text()
+    assert old in text
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace(old, new, 1))
+    proc = run_cli("cost", "--space", str(bad), timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"mobisearch cost: error: {bad}: {needle}"), line
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
