@@ -166,7 +166,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     storage = _storage(args, space)
     name = args.study_name or search.default_study_name(space, args.budget, args.max_params)
     latency_batch = args.latency_batch or space.latency.batch_size
-    extra = {"latency_batch": latency_batch, "depthwise": args.depthwise}
+    extra = {"latency_batch": latency_batch, "backend": args.backend}
     study = search.open_or_create_study(storage, name, search.recipe_fingerprint(space, extra))
     for key, value in {
         "space": space.name,
@@ -178,8 +178,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         study.set_user_attr(key, value)
     print(f"study {name!r} in {storage}")
 
+    from mobisearch.compile import enable_compilation_cache
     from mobisearch.rank import Ranker
-    from mobisearch.train import enable_compilation_cache, inline_cpu_dispatch, prepare_process
+    from mobisearch.runtime import inline_cpu_dispatch, prepare_process
 
     inline_cpu_dispatch()  # before the first JAX computation
     if not args.no_compile_cache:
@@ -190,7 +191,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         data,
         checkpoint_dir=out_dir / "checkpoints" / name,
         latency_batch=latency_batch,
-        depthwise=args.depthwise,
+        backend=args.backend,
     )
     prepare_process()
     with _Progress(enabled=not args.quiet) as progress:
@@ -339,7 +340,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = _load_data(space, args.data_dir)
     assert space.train is not None
     from mobisearch.data import image_mean_std
-    from mobisearch.train import evaluate, inline_cpu_dispatch, train_and_evaluate
+    from mobisearch.runtime import inline_cpu_dispatch
+    from mobisearch.train import evaluate, train_and_evaluate
 
     inline_cpu_dispatch()  # before the first JAX computation
 
@@ -409,7 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-params", type=_count, help="max parameters per candidate")
     p.add_argument("--data-dir", help="folder with the dataset's IDX files")
     p.add_argument("--latency-batch", type=int, help="batch size of the latency measurement")
-    p.add_argument("--depthwise", help="depthwise-conv implementation (default: fastest)")
+    p.add_argument(
+        "--backend",
+        choices=("xla", "native"),
+        help="how the model's operations run: native C++ kernels on the CPU, or plain XLA "
+        "(default: native on a CPU where the kernels build, else xla)",
+    )
     p.add_argument(
         "--set",
         action="append",

@@ -2,34 +2,26 @@
 
 `Ranker(space, data, ...)` is the `evaluate` callable that `mobisearch.search.run_search`
 takes: for one architecture it trains with the space's recipe (`mobisearch.train`), measures
-the latency of the trained model on this machine (`mobisearch.latency`), saves the trained
-state (flax's msgpack serialization of NNX's pure-dict state) so the frontier can later be
-evaluated on the test split without retraining, and returns the metrics to store.
+the latency of the trained model in eval mode on this machine (`mobisearch.latency`), saves
+the trained state (`mobisearch.checkpoint`) so the frontier can later be evaluated on the
+test split without retraining, and returns the metrics to store.
 """
 
 from __future__ import annotations
 
 import math
 import pathlib
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import jax
 import jax.numpy as jnp
-from flax import nnx, serialization
 
+from mobisearch import ops
 from mobisearch.arch import ArchSpec
+from mobisearch.checkpoint import load_state, save_state
+from mobisearch.compile import compiled_forward, precompile_forward
 from mobisearch.data import image_mean_std
 from mobisearch.latency import device_fingerprint, measure_latency
-from mobisearch.models import default_depthwise_impl, inference_state
-from mobisearch.train import (
-    abstract_state,
-    compiled_forward,
-    evaluate,
-    precompile_forward,
-    prepare_recipe,
-    train_and_evaluate,
-)
+from mobisearch.train import evaluate, prepare_recipe, train_and_evaluate
 
 if TYPE_CHECKING:
     from mobisearch.data import Dataset
@@ -43,13 +35,12 @@ def model_latency(
     batch_size: int,
     warmup: int,
     iters: int,
-    depthwise: str | None = None,
+    backend: str | None = None,
 ) -> dict[str, Any]:
-    """Median and spread of one eval-mode forward pass of a trained model, in ms."""
-    forward = compiled_forward(arch, depthwise, batch=batch_size)
-    inference = inference_state(arch.resolve(), *state)
+    """Median and spread of one eval-mode forward pass of a trained `(params, rest)`, in ms."""
+    forward = compiled_forward(arch, backend, batch=batch_size)
     x = jnp.zeros((batch_size, arch.resolution, arch.resolution, arch.in_ch), jnp.float32)
-    lat = measure_latency(forward, inference, x, warmup=warmup, iters=iters, batch_size=batch_size)
+    lat = measure_latency(forward, *state, x, warmup=warmup, iters=iters, batch_size=batch_size)
     return {
         "latency_ms": lat.p50_ms,
         "latency_p10_ms": lat.p10_ms,
@@ -62,45 +53,6 @@ def model_latency(
     }
 
 
-def save_state(state: Any, path: pathlib.Path) -> None:
-    """Write a `(params, rest)` NNX state as msgpack (atomically: temp file, then rename)."""
-    params, rest = state
-    blob = serialization.msgpack_serialize(
-        {"params": nnx.to_pure_dict(params), "rest": nnx.to_pure_dict(rest)}
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(blob)
-    tmp.replace(path)
-
-
-def load_state(arch: ArchSpec, path: pathlib.Path, *, depthwise: str | None = None) -> Any:
-    """Read a state written by `save_state` into `arch`'s structure (without building the
-    model: its abstract state gives the structure and the shapes).
-
-    Raises:
-      ValueError: naming the file and the array when a shape does not match `arch`.
-    """
-    restored = serialization.msgpack_restore(path.read_bytes())
-    abstract = abstract_state(arch, depthwise or default_depthwise_impl())
-
-    def put(where: str) -> Callable[[Any, Any], Any]:
-        def replace(var: Any, value: Any) -> Any:
-            if var.shape != value.shape:
-                raise ValueError(
-                    f"{path}: {where} array of shape {value.shape}, expected {var.shape} for "
-                    f"{arch.display_id}"
-                )
-            return var.replace(jnp.asarray(value))
-
-        return replace
-
-    params, rest = jax.tree.map(lambda v: v, abstract)  # fresh States; the cached one stays
-    nnx.replace_by_pure_dict(params, restored["params"], put("a parameter"))
-    nnx.replace_by_pure_dict(rest, restored["rest"], put("a BatchNorm statistic"))
-    return params, rest
-
-
 class Ranker:
     """Evaluate candidates of a space on real data; callable as `ranker(arch) -> metrics`.
 
@@ -109,7 +61,7 @@ class Ranker:
       data: the dataset (train/validation for ranking; test only in `test_accuracy`).
       checkpoint_dir: where trained states are saved, one file per display id.
       latency_batch: batch size for the latency measurement (default: the space's).
-      depthwise: depthwise-conv implementation (default: the backend's fastest).
+      backend: `"xla"` or `"native"` (default `mobisearch.ops.default_backend()`).
     """
 
     def __init__(
@@ -119,7 +71,7 @@ class Ranker:
         *,
         checkpoint_dir: str | pathlib.Path,
         latency_batch: int | None = None,
-        depthwise: str | None = None,
+        backend: str | None = None,
     ) -> None:
         if space.train is None:
             raise ValueError(f"{space.path}: has no [train] section; it can only be costed")
@@ -128,9 +80,9 @@ class Ranker:
         self.data = data
         self.checkpoint_dir = pathlib.Path(checkpoint_dir)
         self.latency_batch = latency_batch or space.latency.batch_size
-        self.depthwise = depthwise or default_depthwise_impl()
+        self.backend = ops.check_backend(backend or ops.default_backend())
         self.stats = image_mean_std(data.x_train)
-        prepare_recipe(self.train_cfg, self.depthwise)  # shared by every candidate
+        prepare_recipe(self.train_cfg, self.backend)  # shared by every candidate
 
     def checkpoint_path(self, arch: ArchSpec) -> pathlib.Path:
         return self.checkpoint_dir / f"{arch.display_id}.msgpack"
@@ -139,9 +91,9 @@ class Ranker:
         cfg = self.train_cfg
         # Compiles in the background while train_and_evaluate prepares the images and
         # compiles its train step; it waits for it before training.
-        precompile_forward(arch, self.depthwise, batch=self.latency_batch)
+        precompile_forward(arch, self.backend, batch=self.latency_batch)
         result = train_and_evaluate(
-            arch, cfg, self.data, seed=cfg.seed, depthwise=self.depthwise, stats=self.stats
+            arch, cfg, self.data, seed=cfg.seed, backend=self.backend, stats=self.stats
         )
         metrics: dict[str, Any] = {
             "status": result.status,
@@ -152,7 +104,7 @@ class Ranker:
             "train_s": result.train_s,
             "eval_s": result.eval_s,
             "final_loss": result.loss_curve[-1] if result.loss_curve else math.nan,
-            "depthwise": self.depthwise,
+            "backend": self.backend,
             "device": device_fingerprint(self.latency_batch),
         }
         if result.status != "ok":
@@ -166,7 +118,7 @@ class Ranker:
             batch_size=self.latency_batch,
             warmup=lat.warmup,
             iters=lat.iters,
-            depthwise=self.depthwise,
+            backend=self.backend,
         )
         save_state(result.state, self.checkpoint_path(arch))
         return metrics
@@ -181,14 +133,14 @@ class Ranker:
         path = self.checkpoint_path(arch)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no checkpoint of {arch.display_id} on this machine")
-        state = load_state(arch, path, depthwise=self.depthwise)
+        state = load_state(arch, path, backend=self.backend)
         acc, _ = evaluate(
             arch,
             state,
             self.data.x_test,
             self.data.y_test,
             cfg=self.train_cfg,
-            depthwise=self.depthwise,
+            backend=self.backend,
             stats=self.stats,
         )
         return acc

@@ -9,16 +9,16 @@ For each candidate within the budget, in the search's order, in one process:
 1. Its three programs compile one after the other (the search compiles the eval-mode
    forward at the eval batch and at the latency batch beside the train step, on a second
    thread; here they take turns so each one's time is its own), against a persistent
-   compilation cache that starts empty. Each reports `mobisearch.train.CompileTimes`: the
-   abstract model (the train step only), tracing, lowering and XLA, and the number of XLA
-   fusions.
+   compilation cache that starts empty. Each reports `mobisearch.compile.CompileTimes`: the
+   abstract model (the first program of an architecture), tracing, lowering and XLA, and
+   the number of XLA fusions.
 2. It trains with the space's recipe on the real dataset (`train_and_evaluate`, which
    finds its programs compiled): `train_s`, the figure the compile is held against.
 
-`compile / train` is the sum of the three compiles over `train_s`; issue 4's target is at
-most 10%. Then every program compiles again with the in-memory caches cleared, as a rerun of
-the search would, and the table says how long that took and how many new entries it wrote
-to the persistent cache (none: nothing was compiled again).
+`compile / train` is the sum of the three compiles over `train_s`. Then every program
+compiles again with the in-memory caches cleared, as a rerun of the search would, and the
+table says how long that took and how many new entries it wrote to the persistent cache
+(none: nothing was compiled again).
 
 Writes `results/benchmarks/bench-compile-<backend>-jax<version>.csv` and `.md`.
 """
@@ -39,11 +39,11 @@ from typing import Any
 
 import jax
 
-from mobisearch import train
+from mobisearch import compile as compile_
+from mobisearch import ops, runtime, train
 from mobisearch.cli import _load_data
 from mobisearch.cost import parse_count
 from mobisearch.latency import device_fingerprint
-from mobisearch.models import default_depthwise_impl
 from mobisearch.search import plan_search
 from mobisearch.space import DEFAULT_SPACE, apply_overrides, load_space, resolve_space_path
 
@@ -54,19 +54,19 @@ def _fusions(compiled: Any) -> int:
     return len(re.findall(r"= \S+ fusion\(", compiled.as_text()))
 
 
-def compile_programs(arch: Any, cfg: Any, depthwise: str, n_train: int, n_val: int, batch: int):  # type: ignore[no-untyped-def]
+def compile_programs(arch: Any, cfg: Any, backend: str, n_train: int, n_val: int, batch: int):  # type: ignore[no-untyped-def]
     """Compile the train step, eval forward and latency forward of `arch` one after the other;
     return `{program: compiled}` (each with `.step` and `.times`)."""
     return {
-        "train": train._compile_train(arch, cfg, depthwise, n_train),
-        "eval": train._compile_forward(arch, depthwise, min(cfg.eval_batch_size, n_val)),
-        "forward": train._compile_forward(arch, depthwise, batch),
+        "train": compile_.compile_train(arch, cfg, backend, n_train),
+        "eval": compile_.compile_forward(arch, backend, min(cfg.eval_batch_size, n_val)),
+        "forward": compile_.compile_forward(arch, backend, batch),
     }
 
 
 def clear_in_memory_caches() -> None:
     """Forget every compiled program in this process, as a new process would."""
-    for fn in (train._compile_train, train._compile_forward, train._graphs):
+    for fn in (compile_.compile_train, compile_.compile_forward, compile_._graphs):
         fn.cache_clear()
     jax.clear_caches()
 
@@ -85,23 +85,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
 
-    train.inline_cpu_dispatch()  # as the search runs
+    runtime.inline_cpu_dispatch()  # as the search runs
     space = load_space(resolve_space_path(args.space))
     space = apply_overrides(space, args.set) if args.set else space
     plan = plan_search(space, max_macs=args.budget)
     data = _load_data(space, args.data_dir)
-    cfg, batch, depthwise = space.train, space.latency.batch_size, default_depthwise_impl()
+    cfg, batch, backend = space.train, space.latency.batch_size, ops.default_backend()
     assert cfg is not None  # _load_data refuses a space without [train]
-    train.prepare_process()  # as the search does
-    train.prepare_recipe(cfg, depthwise)
+    runtime.prepare_process()  # as the search does
+    train.prepare_recipe(cfg, backend)
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-compile-cache-") as cache:
-        train.enable_compilation_cache(cache)  # the search's default threshold
+        compile_.enable_compilation_cache(cache)  # the search's default threshold
         for arch, cost in plan.kept:
             n_train, n_val = len(data.x_train), len(data.x_val)
-            progs = compile_programs(arch, cfg, depthwise, n_train, n_val, batch)
-            result = train.train_and_evaluate(arch, cfg, data, seed=cfg.seed, depthwise=depthwise)
+            progs = compile_programs(arch, cfg, backend, n_train, n_val, batch)
+            result = train.train_and_evaluate(arch, cfg, data, seed=cfg.seed, backend=backend)
             assert result.compile_s == 0.0, "train_and_evaluate compiled again"
             row: dict[str, Any] = {"candidate": arch.display_id, "macs": cost.macs}
             for name, prog in progs.items():
@@ -131,9 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         before = _entries(folder)
         clear_in_memory_caches()
         for arch, row in zip((a for a, _ in plan.kept), rows, strict=True):
-            progs = compile_programs(
-                arch, cfg, depthwise, len(data.x_train), len(data.x_val), batch
-            )
+            progs = compile_programs(arch, cfg, backend, len(data.x_train), len(data.x_val), batch)
             row["rerun_compile_s"] = round(sum(p.compile_s for p in progs.values()), 3)
             row["rerun_xla_s"] = round(sum(p.times.xla_s for p in progs.values()), 3)
         new_entries = _entries(folder) - before
@@ -143,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         f"command: `{command}`",
         f"machine: {fp['processor']} | cpu_count {os.cpu_count()} | {fp['platform']}",
         f"jax {jax.__version__} ({jax.default_backend()}) | python {platform.python_version()}"
-        f" | depthwise {depthwise} | recipe: {cfg.steps} steps of batch {cfg.batch_size}",
+        f" | backend {backend} | recipe: {cfg.steps} steps of batch {cfg.batch_size}",
         f"{len(rows)} candidates within {args.budget:,} MACs of {space.path}",
         f"rerun (in-memory caches cleared, persistent cache kept): {new_entries} new cache"
         " entries",

@@ -1,4 +1,10 @@
-"""Time every depthwise-conv implementation side by side (forward and forward+backward).
+"""Time the depthwise-conv formulations side by side (forward and forward+backward).
+
+Implementations (`--impls`): `grouped` (XLA's grouped convolution, `ops.depthwise_grouped`:
+the XLA backend off the CPU), `shift` (shift-and-add, `ops.depthwise_shift`: the XLA
+backend on a CPU) and `native` (the C++ kernels, `ops.depthwise_conv(backend="native")`).
+For `model28` they name the whole model's backend: `grouped` and `shift` run the `xla`
+backend (with that depthwise formulation), `native` the `native` one.
 
 Usage:
     python scripts/bench_depthwise.py                     # all workloads, all impls
@@ -36,9 +42,20 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mobisearch import ops
 from mobisearch.arch import ArchSpec
-from mobisearch.models import DEPTHWISE_IMPLS, build_model, depthwise_conv
+from mobisearch.models import build_model
 from mobisearch.presets import mobilenet_v1, mobilenet_v1_small
+
+IMPLS = ("grouped", "shift", "native")
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, *, stride: int, impl: str) -> jax.Array:
+    if impl == "native":
+        return ops.depthwise_conv(x, kernel, stride=stride, backend="native")
+    formulation = ops.depthwise_grouped if impl == "grouped" else ops.depthwise_shift
+    return formulation(x, kernel, stride)
+
 
 WORKLOADS: dict[str, tuple[str, ArchSpec, int]] = {
     "train28": ("dw layers, mnv1-small 28x28 w0.5", mobilenet_v1_small(0.5, 28), 128),
@@ -91,7 +108,7 @@ def dw_functions(arch: ArchSpec, batch: int, impl: str, key: jax.Array) -> tuple
 
 def model_functions(arch: ArchSpec, batch: int, impl: str, key: jax.Array) -> tuple[Any, ...]:
     """Jitted whole-model forward (train mode) and loss gradient, and their args."""
-    model = build_model(arch, rngs=nnx.Rngs(0), depthwise=impl)
+    model = build_model(arch, rngs=nnx.Rngs(0), backend="native" if impl == "native" else "xla")
     # NOTE: merge(..., copy=True): without it, under jax.grad BatchNorm may not update the
     # running stats of Variables that came from the outer trace (flax 0.12 TraceContextError).
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -106,9 +123,24 @@ def model_functions(arch: ArchSpec, batch: int, impl: str, key: jax.Array) -> tu
     def forward(params: Any, rest: Any, x: jax.Array) -> jax.Array:
         return nnx.merge(graphdef, params, rest, copy=True)(x)
 
-    fwd = jax.jit(forward)
-    fwd_bwd = jax.jit(jax.grad(loss))
+    fwd = jax.jit(_formulation(impl, forward))
+    fwd_bwd = jax.jit(_formulation(impl, jax.grad(loss)))
     return (fwd, (params, rest, x)), (fwd_bwd, (params, rest, x, y))
+
+
+def _formulation(impl: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn`, traced with the XLA backend's depthwise formulation set to `impl`."""
+
+    def traced(*args: Any) -> Any:
+        saved = ops.depthwise_shift
+        if impl == "grouped":
+            ops.depthwise_shift = ops.depthwise_grouped  # type: ignore[assignment]
+        try:
+            return fn(*args)
+        finally:
+            ops.depthwise_shift = saved  # type: ignore[assignment]
+
+    return traced
 
 
 def time_call(fn: Callable[..., Any], args: tuple[Any, ...]) -> float:
@@ -121,9 +153,7 @@ def time_call(fn: Callable[..., Any], args: tuple[Any, ...]) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
-    parser.add_argument(
-        "--impls", nargs="+", default=list(DEPTHWISE_IMPLS), choices=DEPTHWISE_IMPLS
-    )
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     parser.add_argument(
         "--modes", nargs="+", default=["fwd", "fwd_bwd"], choices=["fwd", "fwd_bwd"]
     )

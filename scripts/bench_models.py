@@ -16,10 +16,12 @@ Cases (`--cases` takes names or shell patterns):
 
 Frameworks (`--frameworks`), each building the same `ArchSpec.resolve()` layer list:
 
-* `mobisearch`: `build_model` (the backend's default depthwise implementation), NNX's
-  functional form under `jax.jit`, compiled ahead of time (`lower().compile()`): the
-  search's own programs, `mobisearch.train._compile_forward` (the eval-mode forward that
-  latency is measured on) and `_compile_train` (the train step, constant learning rate).
+* `mobisearch`: `build_model` on the default backend (`native` on a CPU), NNX's
+  functional form under `jax.jit`, compiled ahead of time: the search's own programs,
+  `mobisearch.compile.compile_forward` (the eval-mode forward that latency is measured
+  on) and `compile_train` (the train step, constant learning rate).
+* `mobisearch-xla`: the same on the `xla` backend (plain JAX: shift-and-add depthwise
+  convolutions on a CPU, flax's BatchNorm, optax's AdamW).
 * `keras`: `keras.applications.MobileNet(weights=None, ...)` on Keras 3's JAX backend, its
   `stateless_call` under `jax.jit`. Inference only: it refuses inputs under 32×32 and
   cannot express a stride-1 stem or a 5×5 depthwise kernel (each skip records why).
@@ -54,8 +56,10 @@ several jitted 2048×2048 matmuls in JAX, 8192×8192 on an accelerator, on each 
 On a GPU machine JAX and Keras run on the default (GPU) backend while the CPU-only torch
 build runs on the CPU; the table says so, and each row names its device.
 
-Writes `results/benchmarks/bench-models-<backend>-jax<version>.csv` and `.md` (with a
-`-quick` suffix for `--quick` runs) and prints the markdown table.
+Writes `results/benchmarks/bench-models-<backend>-jax<version>[-<tag>].csv` and `.md` (with
+a `-quick` suffix for `--quick` runs) and prints the markdown table. Two frameworks' thread
+pools in one process can slow either: `scripts/bench_separate.py` runs each framework in a
+process of its own and puts the ratios side by side.
 """
 
 from __future__ import annotations
@@ -79,19 +83,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mobisearch import ops
 from mobisearch.arch import ArchSpec, LayerSpec
+from mobisearch.compile import compile_forward, compile_train
 from mobisearch.cost import count_cost
 from mobisearch.latency import device_fingerprint
-from mobisearch.models import default_depthwise_impl, inference_state
+from mobisearch.optim import init_optimizer
 from mobisearch.presets import mobilenet_v1, mobilenet_v1_small
+from mobisearch.runtime import inline_cpu_dispatch, keep_freed_memory
 from mobisearch.space import TrainConfig
-from mobisearch.train import (
-    _compile_forward,
-    _compile_train,
-    fresh_split,
-    inline_cpu_dispatch,
-    keep_freed_memory,
-)
+from mobisearch.train import fresh_split
 
 try:
     import torch
@@ -133,7 +134,7 @@ def _cases() -> dict[str, Case]:
 CASES = _cases()
 FRAMEWORKS = (
     "mobisearch",
-    "mobisearch-shift",
+    "mobisearch-xla",
     "keras",
     "torch-nchw",
     "torch-cl",
@@ -255,22 +256,21 @@ def _jax_inputs(case: Case) -> tuple[jax.Array, jax.Array]:
     return x, y
 
 
-def mobisearch_runner(case: Case, impl: str | None = None) -> Runner:
-    """mobisearch's NNX model, functional form, AOT-compiled with `jax.jit`; `impl` is the
-    depthwise implementation (default: the backend's)."""
-    impl = impl or default_depthwise_impl()
+def mobisearch_runner(case: Case, backend: str | None = None) -> Runner:
+    """mobisearch's NNX model, functional form, AOT-compiled with `jax.jit`, on `backend`
+    (default: this machine's)."""
+    backend = backend or ops.default_backend()
     x, y = _jax_inputs(case)
     device = str(jax.devices()[0].device_kind)
     if case.kind == "infer":
         # The search's own latency program (what `mobisearch.rank` times).
-        forward = _compile_forward(case.arch, impl, case.batch)
-        _, params, rest = fresh_split(case.arch, impl, training=False)
-        inference = inference_state(case.arch.resolve(), params, rest)
+        forward = compile_forward(case.arch, backend, case.batch)
+        _, params, rest = fresh_split(case.arch, backend, training=False)
 
         def call() -> Any:
-            return jax.block_until_ready(forward.step(inference, x))
+            return jax.block_until_ready(forward.step(params, rest, x))
 
-        note = f"depthwise={impl}; mobisearch.train._compile_forward's program"
+        note = f"backend={backend}; mobisearch.compile.compile_forward's program"
         return Runner(call, device, _first_call(call), forward.compile_s, note)
 
     cfg = TrainConfig(
@@ -281,11 +281,11 @@ def mobisearch_runner(case: Case, impl: str | None = None) -> Runner:
         schedule="constant",
         weight_decay=WEIGHT_DECAY,
     )
-    # The search's own step (arch, recipe, impl, training-set size): the "training set" is
-    # one batch and every step takes all of it.
-    train = _compile_train(case.arch, cfg, impl, case.batch)
-    _, params, rest = fresh_split(case.arch, impl, training=True)
-    state = [params, rest, train.optimizer.init(params)]
+    # The search's own step (arch, recipe, backend, training-set size): the "training set"
+    # is one batch and every step takes all of it.
+    train = compile_train(case.arch, cfg, backend, case.batch)
+    _, params, rest = fresh_split(case.arch, backend, training=True)
+    state = [params, rest, init_optimizer(train.tx, params)]
     idx = jnp.arange(case.batch, dtype=jnp.int32)
 
     def step() -> Any:
@@ -294,7 +294,7 @@ def mobisearch_runner(case: Case, impl: str | None = None) -> Runner:
         state[:] = [params, rest, opt_state]
         return jax.block_until_ready((state, loss))
 
-    note = f"depthwise={impl}; mobisearch.train._compile_train's step, constant lr"
+    note = f"backend={backend}; mobisearch.compile.compile_train's step, constant lr"
     return Runner(step, device, _first_call(step), train.compile_s, note)
 
 
@@ -460,9 +460,8 @@ def torch_runner(case: Case, *, channels_last: bool, compile_: bool) -> Runner:
 def make_runner(framework: str, case: Case) -> Runner:
     if framework == "mobisearch":
         return mobisearch_runner(case)
-    if framework == "mobisearch-shift":
-        # The CPU default before the native kernel: shift-and-add, for a before/after ratio.
-        return mobisearch_runner(case, "shift")
+    if framework == "mobisearch-xla":
+        return mobisearch_runner(case, "xla")
     if framework == "keras":
         return keras_runner(case)
     return torch_runner(
@@ -679,6 +678,7 @@ def main(argv: list[str] | None = None) -> int:
         help="use JAX's and inductor's on-disk caches (compile_s is then not a cold compile)",
     )
     parser.add_argument("--out-dir", type=Path, default=Path("results/benchmarks"))
+    parser.add_argument("--tag", default="", help="suffix of the output files' names")
     args = parser.parse_args(argv)
     cases = [c for n, c in CASES.items() if any(fnmatch.fnmatchcase(n, p) for p in args.cases)]
     if not cases:
@@ -703,6 +703,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"bench-models-{rows[0]['backend']}-jax{jax.__version__}"
+    stem += f"-{args.tag}" if args.tag else ""
     stem += "-quick" if args.quick else ""
     csv_path, md_path = args.out_dir / f"{stem}.csv", args.out_dir / f"{stem}.md"
     with csv_path.open("w", newline="") as f:
@@ -744,7 +745,7 @@ def _run(
         f" torch.get_num_threads() {settings['torch_threads']}"
         f" (interop {settings['torch_interop_threads']}) | JAX CPU async dispatch"
         f" {settings['jax_cpu_async_dispatch']} | glibc keeps freed memory for every framework"
-        " (`mobisearch.train.keep_freed_memory`)",
+        " (`mobisearch.runtime.keep_freed_memory`)",
         f"jax {jax.__version__} (backend {backend}: {device.device_kind}) | flax"
         f" {versions['flax_version']} | torch {torch.__version__} | keras"
         f" {versions['keras_version']} | python {platform.python_version()}",

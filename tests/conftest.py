@@ -32,3 +32,11 @@ def key():  # type: ignore[no-untyped-def]
     import jax
 
     return jax.random.key(0)
+
+
+@pytest.fixture(scope="session")
+def data():  # type: ignore[no-untyped-def]
+    """A small synthetic dataset (in memory, seeded) for training tests."""
+    from mobisearch.data import load_dataset
+
+    return load_dataset("synthetic", validation_size=300, train_size=600)

@@ -1,8 +1,9 @@
-"""Tests for `mobisearch.kernels`: build and cache, fallback without a compiler, numerics.
+"""Tests for `mobisearch.kernels` and `kernel_build`: build and cache, the fallback without a
+compiler, and each kernel's numbers against XLA's.
 
-The numerics of `depthwise_conv(impl="native")` against XLA's grouped convolution, over many
-shapes, are in tests/test_models.py (`test_depthwise_variants_match_grouped*`); here are
-the kernels' own calls at sizes where the batch is split over threads.
+The differentiable operations built on them (`mobisearch.ops`) are tested against XLA,
+flax and optax over many shapes in tests/test_ops.py; here are the kernels' own calls at
+sizes where the work is split over threads.
 """
 
 from __future__ import annotations
@@ -18,26 +19,26 @@ import numpy as np
 import optax
 import pytest
 
-from mobisearch import kernels
-from mobisearch.models import depthwise_conv, same_pads
+from mobisearch import kernel_build, kernels
+from mobisearch.ops import depthwise_grouped, same_pads
 
 needs_native = pytest.mark.skipif(
     not kernels.available(), reason=f"native kernels unavailable: {kernels.unavailable_reason()}"
 )
 
 _PROBE = (
-    "from mobisearch import kernels, models;"
-    "ok = kernels.available();"
-    "print(ok, models.default_depthwise_impl('cpu'), kernels.library_path(), sep='|');"
-    "print(kernels.unavailable_reason())"
+    "from mobisearch import kernel_build, ops;"
+    "ok = kernel_build.available();"
+    "print(ok, ops.default_backend('cpu'), kernel_build.library_path(), sep='|');"
+    "print(kernel_build.unavailable_reason())"
 )
 
 
 def _probe(tmp_path: pathlib.Path, **env: str) -> tuple[bool, str, pathlib.Path, str]:
-    """`available()`, the CPU default impl, the library path and the reason, in a new process
-    whose kernel cache is `tmp_path`."""
-    full_env = {**os.environ, kernels.KERNEL_DIR_ENV_VAR: str(tmp_path), **env}
-    full_env.pop("MOBISEARCH_DEPTHWISE", None)
+    """`available()`, the CPU default backend, the library path and the reason, in a new
+    process whose kernel cache is `tmp_path`."""
+    full_env = {**os.environ, kernel_build.KERNEL_DIR_ENV_VAR: str(tmp_path), **env}
+    full_env.pop("MOBISEARCH_BACKEND", None)
     done = subprocess.run(
         [sys.executable, "-c", _PROBE], env=full_env, capture_output=True, text=True, timeout=300
     )
@@ -49,53 +50,54 @@ def _probe(tmp_path: pathlib.Path, **env: str) -> tuple[bool, str, pathlib.Path,
 
 @needs_native
 def test_builds_once_into_the_kernel_dir_and_reuses_the_build(tmp_path: pathlib.Path) -> None:
-    ok, impl, path, _ = _probe(tmp_path)
-    assert ok and impl == "native"
+    ok, backend, path, _ = _probe(tmp_path)
+    assert ok and backend == "native"
     assert path.is_file() and tmp_path in path.parents
     built = path.stat().st_mtime_ns
     # A second process loads the cached build: no compiler on PATH, nothing is rebuilt.
     (tmp_path / "empty").mkdir()
-    ok, impl, again, _ = _probe(tmp_path, PATH=str(tmp_path / "empty"))
-    assert ok and impl == "native" and again == path
+    ok, backend, again, _ = _probe(tmp_path, PATH=str(tmp_path / "empty"))
+    assert ok and backend == "native" and again == path
     assert path.stat().st_mtime_ns == built
     assert not list(path.parent.glob("*.tmp"))
 
 
-def test_without_a_compiler_falls_back_to_shift(tmp_path: pathlib.Path) -> None:
-    ok, impl, path, reason = _probe(tmp_path, CXX="/nonexistent/c++")
-    assert not ok and impl == "shift" and not path.exists()
+def test_without_a_compiler_falls_back_to_xla(tmp_path: pathlib.Path) -> None:
+    ok, backend, path, reason = _probe(tmp_path, CXX="/nonexistent/c++")
+    assert not ok and backend == "xla" and not path.exists()
     assert "/nonexistent/c++" in reason
 
 
 def test_turned_off_by_the_environment(tmp_path: pathlib.Path) -> None:
-    ok, impl, _, reason = _probe(tmp_path, **{kernels.NATIVE_ENV_VAR: "0"})
-    assert not ok and impl == "shift"
-    assert f"{kernels.NATIVE_ENV_VAR}=0" in reason
+    ok, backend, _, reason = _probe(tmp_path, **{kernel_build.NATIVE_ENV_VAR: "0"})
+    assert not ok and backend == "xla"
+    assert f"{kernel_build.NATIVE_ENV_VAR}=0" in reason
 
 
 @pytest.mark.parametrize(
-    "which", ["depthwise.cc", "batchnorm.cc", "loss.cc", "conv.cc", "head.cc", "parallel.h"]
+    "which",
+    ["depthwise.cc", "batchnorm.cc", "loss.cc", "conv.cc", "head.cc", "parallel.h", "fold.h"],
 )
 def test_library_path_changes_with_the_sources(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, which: str
 ) -> None:
-    monkeypatch.setenv(kernels.KERNEL_DIR_ENV_VAR, str(tmp_path))
-    before = kernels.library_path()
+    monkeypatch.setenv(kernel_build.KERNEL_DIR_ENV_VAR, str(tmp_path))
+    before = kernel_build.library_path()
     for attr in ("SOURCES", "HEADERS"):
-        paths = list(getattr(kernels, attr))
+        paths = list(getattr(kernel_build, attr))
         for i, path in enumerate(paths):
             if path.name == which:
                 paths[i] = tmp_path / which
                 paths[i].write_text(path.read_text() + "\n// edited\n")
-        monkeypatch.setattr(kernels, attr, tuple(paths))
-    assert kernels.library_path() != before
-    assert kernels.library_path().parent.parent == before.parent.parent == tmp_path
+        monkeypatch.setattr(kernel_build, attr, tuple(paths))
+    assert kernel_build.library_path() != before
+    assert kernel_build.library_path().parent.parent == before.parent.parent == tmp_path
 
 
 def _reference(
     x: jax.Array, kernel: jax.Array, g: jax.Array, stride: int
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    y, vjp = jax.vjp(lambda x, k: depthwise_conv(x, k, stride=stride, impl="grouped"), x, kernel)
+    y, vjp = jax.vjp(lambda x, k: depthwise_grouped(x, k, stride), x, kernel)
     return (y, *vjp(g))
 
 
@@ -224,6 +226,26 @@ def test_head_is_mean_pool_then_dense(b: int, hw: int, c: int, k: int) -> None:
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=atol, err_msg=name)
 
 
+def _bn_state(c: int, seed: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """A BatchNorm's `(scale, bias, running_mean, running_var)`, away from the defaults."""
+    ks, kb, km, kv = jax.random.split(jax.random.key(seed), 4)
+    scale, bias = 1.0 + 0.5 * jax.random.normal(ks, (c,)), jax.random.normal(kb, (c,))
+    return scale, bias, jax.random.normal(km, (c,)), 0.5 + jax.random.uniform(kv, (c,))
+
+
+def _flax_eval_batch_norm(
+    y: jax.Array, bn: tuple[jax.Array, ...], relu: bool, residual: jax.Array | None = None
+) -> jax.Array:
+    """`nnx.BatchNorm` in eval mode with the state `bn`, then ReLU, then `+ residual`."""
+    from flax import nnx
+
+    layer = nnx.BatchNorm(y.shape[-1], epsilon=1e-5, use_running_average=True, rngs=nnx.Rngs(0))
+    layer.scale[...], layer.bias[...], layer.mean[...], layer.var[...] = bn
+    out = layer(y)
+    out = jnp.maximum(out, 0.0) if relu else out
+    return out if residual is None else out + residual
+
+
 @needs_native
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
 @pytest.mark.parametrize(
@@ -232,36 +254,38 @@ def test_head_is_mean_pool_then_dense(b: int, hw: int, c: int, k: int) -> None:
     # batches of one (split over rows), images smaller than the kernel.
     [(1, 11, 100, 3, 1), (2, 7, 17, 5, 2), (1, 6, 8, 3, 2), (3, 5, 200, 3, 1), (1, 2, 13, 5, 1)],
 )
-def test_forward_with_affine_matches_reference(
+def test_depthwise_batch_norm_eval_matches_flax(
     b: int, hw: int, c: int, k: int, stride: int, relu: bool
 ) -> None:
-    """The fused inference forward: conv, then `y·scale + shift` per channel, then ReLU."""
-    kx, kk, ks, kb = jax.random.split(jax.random.key(c + hw), 4)
+    """The fused eval forward: conv, then the layer's eval-mode BatchNorm, then ReLU."""
+    kx, kk = jax.random.split(jax.random.key(c + hw))
     out, lo, _ = same_pads(hw, k, stride)
     x = jax.random.normal(kx, (b, hw, hw, c))
     kernel = jax.random.normal(kk, (k, k, 1, c))
-    scale, shift = jax.random.normal(ks, (c,)), jax.random.normal(kb, (c,))
+    bn = _bn_state(c, seed=k)
     got = jax.jit(
-        lambda x, w, a, s: kernels.depthwise_forward(
-            x, w, stride=stride, pads=(lo, lo), out_hw=(out, out), scale=a, shift=s, relu=relu
+        lambda x, w, bn: kernels.depthwise_batch_norm_eval(
+            x, w, bn, stride=stride, pads=(lo, lo), out_hw=(out, out), epsilon=1e-5, relu=relu
         )
-    )(x, kernel, scale, shift)
-    want = depthwise_conv(x, kernel, stride=stride, impl="grouped") * scale[None, None, None]
-    want = want + shift[None, None, None]
-    want = jnp.maximum(want, 0) if relu else want
+    )(x, kernel, bn)
+    want = _flax_eval_batch_norm(depthwise_grouped(x, kernel, stride), bn, relu)
     assert got.shape == want.shape == (b, out, out, c)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     if relu:
         assert float(got.min()) == 0.0 and float(want.min()) < 0.5 * float(want.max())
 
 
-def test_forward_affine_arguments_go_together() -> None:
-    x, w, v = jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 1, 2)), jnp.ones(2)
-    args = {"stride": 1, "pads": (1, 1), "out_hw": (4, 4)}
-    with pytest.raises(ValueError, match="both `scale` and `shift`"):
-        kernels.depthwise_forward(x, w, **args, scale=v)
-    with pytest.raises(ValueError, match="`relu` needs `scale` and `shift`"):
-        kernels.depthwise_forward(x, w, **args, relu=True)
+def test_depthwise_batch_norm_eval_refuses_a_state_of_the_wrong_size() -> None:
+    if not kernels.available():
+        pytest.skip("native kernels unavailable")
+    x, w = jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 1, 2))
+    bn = (jnp.ones(2), jnp.ones(2), jnp.ones(3), jnp.ones(2))
+    with pytest.raises(Exception, match="one value per channel"):
+        jax.block_until_ready(
+            kernels.depthwise_batch_norm_eval(
+                x, w, bn, stride=1, pads=(1, 1), out_hw=(4, 4), epsilon=1e-5, relu=True
+            )
+        )
 
 
 def _flax_batch_norm(
@@ -330,27 +354,20 @@ def test_batch_norm_matches_flax(shape: tuple[int, ...], relu: bool) -> None:
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "plain"])
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
 @pytest.mark.parametrize("shape", [(1, 5, 5, 24), (3, 31, 29, 80), (2, 1, 1, 7)])
-def test_affine_is_xla_s_eval_batch_norm_bit_for_bit(
-    shape: tuple[int, ...], relu: bool, residual: bool
-) -> None:
+def test_batch_norm_eval_matches_flax(shape: tuple[int, ...], relu: bool, residual: bool) -> None:
     """Layers below and above the size that is split over threads (1·5·5·24 floats run on
     the caller, 3·31·29·80 in chunks of rows), and a channel count no vector width divides:
-    the same float32 result as XLA's fusion of `x·scale + shift`, ReLU, `+ residual`."""
-    kx, ks, kb, kr = jax.random.split(jax.random.key(sum(shape)), 4)
-    c = shape[-1]
+    flax's eval-mode BatchNorm, ReLU and `+ residual`, to float32 rounding."""
+    kx, kr = jax.random.split(jax.random.key(sum(shape)))
     x = jax.random.normal(kx, shape)
-    scale, shift = jax.random.normal(ks, (c,)), jax.random.normal(kb, (c,))
+    bn = _bn_state(shape[-1], seed=len(shape))
     r = jax.random.normal(kr, shape) if residual else None
-
-    def reference(x, scale, shift, r):  # type: ignore[no-untyped-def]
-        y = x * scale.reshape(1, 1, 1, -1) + shift.reshape(1, 1, 1, -1)
-        y = jnp.maximum(y, 0.0) if relu else y
-        return y if r is None else y + r
-
-    got = jax.jit(lambda *a: kernels.affine(*a[:3], relu=relu, residual=a[3]))(x, scale, shift, r)
-    want = jax.jit(reference)(x, scale, shift, r)
+    got = jax.jit(
+        lambda x, bn, r: kernels.batch_norm_eval(x, bn, epsilon=1e-5, relu=relu, residual=r)
+    )(x, bn, r)
+    want = _flax_eval_batch_norm(x, bn, relu, r)
     assert got.shape == shape
-    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     if relu and not residual:
         assert float(jnp.min(got)) >= 0.0 and float(jnp.min(x)) < 0.0
 

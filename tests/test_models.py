@@ -1,8 +1,8 @@
-"""Tests for `mobisearch.models`: shapes, modes, state vs `cost`, XLA flops, depthwise variants."""
+"""Tests for `mobisearch.models`: shapes, modes, state vs `cost`, XLA flops, and the one
+network on both backends (same loss, gradients, running averages and eval logits)."""
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterator
 
@@ -15,30 +15,20 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mobisearch import kernels
+from mobisearch import kernels, ops
 from mobisearch.arch import ArchSpec, BlockSpec
 from mobisearch.cost import count_cost, layer_cost
 from mobisearch.models import (
     BN_MOMENTUM,
-    DEPTHWISE_ENV_VAR,
-    DEPTHWISE_IMPLS,
-    DepthwiseConv,
     MobileNet,
-    PointwiseConv,
     abstract_split,
     build_model,
-    default_depthwise_impl,
-    depthwise_conv,
-    inference_apply,
-    inference_shapes,
-    inference_state,
-    native_loss_and_grads,
-    same_pads,
     state_size,
 )
+from mobisearch.ops import same_pads
 from mobisearch.presets import mobilenet_v1_small, tiny
 
-VARIANTS = tuple(impl for impl in DEPTHWISE_IMPLS if impl != "grouped")
+needs_native = pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable")
 
 
 @pytest.fixture(autouse=True)
@@ -105,11 +95,12 @@ MIXED = ArchSpec(
 # --- forward, modes, structure -----------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", ops.BACKENDS)
 @pytest.mark.parametrize(
     "arch", [tiny(), mobilenet_v1_small(0.25, 28), MIXED], ids=lambda a: a.display_id
 )
-def test_output_shape_and_finite_in_both_modes(arch: ArchSpec) -> None:
-    model = build_model(arch, rngs=nnx.Rngs(0))
+def test_output_shape_and_finite_in_both_modes(arch: ArchSpec, backend: str) -> None:
+    model = build_model(arch, rngs=nnx.Rngs(0), backend=backend)
     x = _images(arch, 3)
     for mode in ("train", "eval"):
         getattr(model, mode)()
@@ -226,7 +217,7 @@ _archs = st.builds(
 def test_state_size_equals_cost_params(arch: ArchSpec) -> None:
     # No jit: building is cheap. Tracing the forward (eval_shape, nothing compiled or run)
     # also checks that every stride and residual of the random arch fits together.
-    model = build_model(arch, rngs=nnx.Rngs(0), depthwise="grouped")
+    model = build_model(arch, rngs=nnx.Rngs(0), backend="xla")
     assert state_size(model) == count_cost(arch).params
     assert state_size(model) == sum(v.size for v in _flat_state(model).values())
     graphdef, state = nnx.split(model)
@@ -238,8 +229,8 @@ def test_state_size_equals_cost_params(arch: ArchSpec) -> None:
 # --- XLA cost analysis cross-check -------------------------------------------------------
 
 
-def _xla_flops(arch: ArchSpec, impl: str) -> float | None:
-    model = build_model(arch, rngs=nnx.Rngs(0), depthwise=impl)
+def _xla_flops(arch: ArchSpec) -> float | None:
+    model = build_model(arch, rngs=nnx.Rngs(0), backend="xla")
     model.eval()
     graphdef, state = nnx.split(model)
 
@@ -281,7 +272,9 @@ def _valid_tap_macs(arch: ArchSpec) -> int:
     [mobilenet_v1_small(1.0, 32), mobilenet_v1_small(0.25, 28), tiny(kernel=7)],
     ids=lambda a: a.display_id,
 )
-def test_xla_flops_close_to_twice_macs(arch: ArchSpec, impl: str) -> None:
+def test_xla_flops_close_to_twice_macs(
+    arch: ArchSpec, impl: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """XLA flops ≈ 2·MACs, eval mode, batch 1 (cost analysis is best-effort: bounds only).
 
     Measured (jax 0.10.2, CPU), flops / (2·MACs):
@@ -306,7 +299,9 @@ def test_xla_flops_close_to_twice_macs(arch: ArchSpec, impl: str) -> None:
     Hence the bounds: at least 2·(valid-tap MACs) minus one per depthwise output, at most
     2·MACs + 6·A; and within 5% of 2·MACs for a width-1.0 model, where extras are small.
     """
-    flops = _xla_flops(arch, impl)
+    if impl == "grouped":  # the XLA backend's depthwise formulation off the CPU
+        monkeypatch.setattr(ops, "depthwise_shift", ops.depthwise_grouped)
+    flops = _xla_flops(arch)
     if flops is None:
         pytest.skip("XLA returned no cost analysis on this backend")
     layers = arch.resolve()
@@ -320,334 +315,105 @@ def test_xla_flops_close_to_twice_macs(arch: ArchSpec, impl: str) -> None:
         assert abs(ratio - 1) < 0.05, f"ratio {ratio:.3f}"
 
 
-# --- depthwise implementations -----------------------------------------------------------
+# --- the one network on both backends --------------------------------------------------
 
 
-def _dw_case(
-    b: int, h: int, w: int, c: int, k: int, s: int, seed: int
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    kx, kk, kg = jax.random.split(jax.random.key(seed), 3)
-    x = jax.random.normal(kx, (b, h, w, c))
-    kernel = jax.random.normal(kk, (k, k, 1, c))
-    out_h, out_w = same_pads(h, k, s)[0], same_pads(w, k, s)[0]
-    cotangent = jax.random.normal(kg, (b, out_h, out_w, c))
-    return x, kernel, cotangent
-
-
-@functools.partial(jax.jit, static_argnames=("stride",))
-def _dw_all_impls(
-    x: jax.Array, kernel: jax.Array, ct: jax.Array, *, stride: int
-) -> dict[str, tuple[jax.Array, jax.Array, jax.Array]]:
-    """`{impl: (output, d<output, ct>/dx, d<output, ct>/dkernel)}`, one compile for all."""
-
-    def loss(x: jax.Array, kernel: jax.Array, impl: str) -> tuple[jax.Array, jax.Array]:
-        y = depthwise_conv(x, kernel, stride=stride, impl=impl)
-        return jnp.vdot(y, ct), y
-
-    results = {}
-    for impl in DEPTHWISE_IMPLS:
-        grad_fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
-        (_, y), (dx, dk) = grad_fn(x, kernel, impl)
-        results[impl] = (y, dx, dk)
-    return results
-
-
-def _check_variants(b: int, h: int, w: int, c: int, k: int, s: int) -> None:
-    x, kernel, ct = _dw_case(b, h, w, c, k, s, seed=h + 16 * w)
-    results = _dw_all_impls(x, kernel, ct, stride=s)
-    ref = results["grouped"]
-    assert ref[0].shape == (b, -(-h // s), -(-w // s), c)
-    case = f"x {tuple(x.shape)}, k {k}, stride {s}"
-    for impl in VARIANTS:
-        names = ("forward", "d/dx", "d/dkernel")
-        for what, actual, desired in zip(names, results[impl], ref, strict=True):
-            assert actual.shape == desired.shape, f"{impl} {what}, {case}"
-            _assert_close(actual, desired, f"{impl} {what}, {case}")
-
-
-@pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("kernel", [1, 3, 5, 7])
-def test_depthwise_variants_match_grouped(kernel: int, stride: int) -> None:
-    # Even and odd heights and widths, non-square, and (for k >= 5) smaller than the kernel.
-    for h, w in [(6, 5), (3, 4)]:
-        _check_variants(2, h, w, 3, kernel, stride)
-
-
-@settings(max_examples=6, deadline=None)
-@given(
-    b=st.integers(1, 2),
-    h=st.integers(1, 9),
-    w=st.integers(1, 9),
-    c=st.integers(1, 5),
-    k=st.sampled_from([1, 3, 5]),  # 7 is in the test above; it compiles slowest
-    s=st.sampled_from([1, 2]),
-)
-def test_depthwise_variants_match_grouped_property(
-    b: int, h: int, w: int, c: int, k: int, s: int
-) -> None:
-    _check_variants(b, h, w, c, k, s)
-
-
-@pytest.mark.parametrize("impl", DEPTHWISE_IMPLS)
-def test_depthwise_conv_matches_flax_grouped_conv(impl: str) -> None:
-    """Same numbers as `nnx.Conv(..., feature_group_count=C, padding="SAME")`, same kernel."""
-    for stride, (h, w) in [(1, (6, 5)), (2, (7, 6))]:
-        conv = nnx.Conv(
-            4,
-            4,
-            (3, 3),
-            strides=stride,
-            padding="SAME",
-            feature_group_count=4,
-            use_bias=False,
-            rngs=nnx.Rngs(1),
-        )
-        x = jax.random.normal(jax.random.key(2), (2, h, w, 4))
-        y = depthwise_conv(x, conv.kernel[...], stride=stride, impl=impl)
-        _assert_close(y, conv(x), f"{impl}, stride {stride}")
-
-
-def test_pointwise_conv_matches_flax_conv() -> None:
-    pw = PointwiseConv(3, 5, rngs=nnx.Rngs(0))
-    conv = nnx.Conv(3, 5, (1, 1), use_bias=False, rngs=nnx.Rngs(0))
-    assert pw.kernel.shape == conv.kernel.shape
-    conv.kernel[...] = pw.kernel[...]
-    x = jax.random.normal(jax.random.key(1), (2, 4, 3, 3))
-    _assert_close(pw(x), conv(x), "pointwise")
-
-
-@functools.cache
-def _loss_grads(arch: ArchSpec, impl: str) -> tuple[dict[str, jax.Array], jax.Array]:
-    model = build_model(arch, rngs=nnx.Rngs(0), depthwise=impl)  # same seed: same params
+def _train_step_results(arch: ArchSpec, backend: str, x: jax.Array, labels: jax.Array):  # type: ignore[no-untyped-def]
+    """Loss, gradients (params and images) and new running averages of one training-mode
+    pass of `build_model(arch, backend=backend)` (seed 0), by `jax.value_and_grad` of the
+    model's own loss."""
+    model = build_model(arch, rngs=nnx.Rngs(0), backend=backend)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    x = _images(arch, 4, seed=3)
-    labels = jnp.arange(4) % arch.num_classes
 
-    def loss(params: nnx.State, x: jax.Array) -> jax.Array:
-        # NOTE: copy=True, else under jax.grad BatchNorm may not update the running stats of
-        # Variables that came in from outside (flax 0.12 TraceContextError).
-        logits = nnx.merge(graphdef, params, rest, copy=True)(x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    def loss(params, rest, x):  # type: ignore[no-untyped-def]
+        m = nnx.merge(graphdef, params, rest, copy=True)
+        return m.loss(x, labels, smoothing=0.1), nnx.state(m, nnx.Not(nnx.Param))
 
-    d_params, d_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
-    flat = {"/".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(d_params)}
-    return flat, d_x
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 2), has_aux=True))
+    (value, new_rest), (d_params, d_x) = fn(params, rest, x)
+    return value, nnx.to_flat_state(d_params), d_x, nnx.to_flat_state(new_rest), rest
 
 
-@pytest.mark.parametrize("impl", VARIANTS)
-def test_model_loss_gradients_match_grouped(impl: str) -> None:
-    """Training-mode loss gradients (params and input) agree across depthwise impls."""
-    ref_params, ref_x = _loss_grads(MIXED, "grouped")
-    params, d_x = _loss_grads(MIXED, impl)
-    assert params.keys() == ref_params.keys()
-    for name, ref in ref_params.items():
-        # BN in training mode divides by batch std, so allow a little more than one conv.
-        _assert_close(params[name], ref, f"{impl}: d loss / d {name}", rtol=1e-4)
-    _assert_close(d_x, ref_x, f"{impl}: d loss / d x", rtol=1e-4)
-
-
-def _layer_by_layer(model: MobileNet, x: jax.Array) -> jax.Array:
-    """`MobileNet.__call__` without its native whole-network path: every layer's own
-    (native) custom VJP."""
-    y = model.stem(x)
-    for block in model.blocks:
-        y = block(y)
-    return model.head(jnp.mean(y, axis=(1, 2)))
-
-
-@pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable")
-@pytest.mark.parametrize("wrt_x", [False, True])
-def test_native_training_network_is_the_layer_by_layer_model(wrt_x: bool) -> None:
-    """In training mode with the native impl, the model runs as one custom VJP
-    (`_native_network`); its loss, gradients (params, and the images when they are
-    differentiated) and running-average updates are the layer-by-layer model's."""
-    model = build_model(MIXED, rngs=nnx.Rngs(0), depthwise="native")
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+@needs_native
+def test_backends_train_the_same_network() -> None:
+    """The native backend's training pass is the XLA backend's: loss, every parameter's
+    gradient, the images' gradient and the running-average updates, on a net with stride-1
+    and stride-2 blocks, `ds` residuals and kernels 1/3/5."""
     x = _images(MIXED, 6, seed=2)
-    labels = jnp.arange(6) % MIXED.num_classes
-
-    def loss(call, params, x):  # type: ignore[no-untyped-def]
-        m = nnx.merge(graphdef, params, rest, copy=True)
-        logits = call(m, x)
-        value = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        return value, nnx.state(m, nnx.BatchStat)
-
-    results = []
-    for call in (MobileNet.__call__, _layer_by_layer):
-        argnums = (0, 1) if wrt_x else 0
-        fn = jax.value_and_grad(functools.partial(loss, call), argnums=argnums, has_aux=True)
-        (value, stats), grads = jax.jit(fn)(params, x)
-        results.append((value, jax.tree.leaves(stats), jax.tree.leaves(grads)))
-    (value, stats, grads), (ref_value, ref_stats, ref_grads) = results
-    _assert_close(value, ref_value, "loss", rtol=1e-6)
-    assert len(stats) == len(ref_stats) == 2 * 9 and len(grads) == len(ref_grads)
-    for got, want in zip(stats + grads, ref_stats + ref_grads, strict=True):
-        _assert_close(got, want, "running averages and gradients", rtol=1e-5)
-    # One custom VJP for the whole network, against one per BatchNorm and depthwise conv.
-    counts = [
-        str(jax.make_jaxpr(lambda p, c=call: loss(c, p, x)[0])(params)).count("custom_vjp_call")
-        for call in (MobileNet.__call__, _layer_by_layer)
-    ]
-    assert counts == [1, 9 + 4]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _native_xent(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
-    return kernels.softmax_cross_entropy(logits, labels, smoothing=smoothing)[0]
-
-
-_native_xent.defvjp(
-    lambda logits, labels, smoothing: kernels.softmax_cross_entropy(
-        logits, labels, smoothing=smoothing
-    ),
-    lambda smoothing, dlogits, g: (g * dlogits, None),
-)
-
-
-@pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable")
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_native_loss_and_grads_is_autodiff_of_the_model_bit_for_bit(smoothing: float) -> None:
-    """The train step's forward and backward pass without autodiff or NNX gives the loss,
-    gradients and running averages of `jax.value_and_grad` through the model (its custom
-    VJP, the native loss) exactly, on a net with residual blocks."""
-    model = build_model(MIXED, rngs=nnx.Rngs(0), depthwise="native")
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    x = _images(MIXED, 6, seed=3)
     labels = jnp.arange(6, dtype=jnp.int32) % MIXED.num_classes
-
-    def by_autodiff(params, rest):  # type: ignore[no-untyped-def]
-        m = nnx.merge(graphdef, params, rest, copy=True)
-        return _native_xent(m(x), labels, smoothing), nnx.state(m, nnx.Not(nnx.Param))
-
-    (want_loss, want_rest), want_grads = jax.jit(jax.value_and_grad(by_autodiff, has_aux=True))(
-        params, rest
-    )
-    layers = MIXED.resolve()
-    loss, grads, new_rest = jax.jit(
-        lambda p, r: native_loss_and_grads(layers, p, r, x, labels, smoothing)
-    )(params, rest)
-    assert jax.tree.structure(grads) == jax.tree.structure(params)
-    assert jax.tree.structure(new_rest) == jax.tree.structure(rest)
-    assert jnp.array_equal(loss, want_loss)
-    for got, want in zip(
-        jax.tree.leaves((grads, new_rest)), jax.tree.leaves((want_grads, want_rest)), strict=True
-    ):
-        assert jnp.array_equal(got, want)
-    # The running averages moved (they are outputs, not the inputs passed through).
-    moved = zip(jax.tree.leaves(new_rest), jax.tree.leaves(rest), strict=True)
-    assert not all(jnp.array_equal(a, b) for a, b in moved)
+    native = _train_step_results(MIXED, "native", x, labels)
+    xla = _train_step_results(MIXED, "xla", x, labels)
+    _assert_close(native[0], xla[0], "loss", rtol=1e-6)
+    for (path, a), (path_b, b) in zip(native[1], xla[1], strict=True):
+        assert path == path_b
+        # BN in training mode divides by the batch std: a little more than one conv's error.
+        _assert_close(a[...], b[...], f"d loss / d {'/'.join(map(str, path))}", rtol=1e-4)
+    _assert_close(native[2], xla[2], "d loss / d images", rtol=1e-4)
+    old = dict(nnx.to_flat_state(native[4]))
+    for (path, a), (_, b) in zip(native[3], xla[3], strict=True):
+        _assert_close(a[...], b[...], f"new {'/'.join(map(str, path))}", rtol=1e-5)
+        assert not np.array_equal(a[...], old[path][...]), path  # the averages moved
 
 
-def test_native_loss_and_grads_names_a_missing_array() -> None:
-    _, params, rest = nnx.split(build_model(MIXED, rngs=nnx.Rngs(0)), nnx.Param, ...)
-    flat = dict(nnx.to_flat_state(rest))
-    del flat[("stem", "bn", "var")]
-    partial = nnx.from_flat_state(list(flat.items()))
-    x = _images(MIXED, 2)
-    labels = jnp.zeros(2, jnp.int32)
-    with pytest.raises(ValueError, match="stem/bn/var"):
-        native_loss_and_grads(MIXED.resolve(), params, partial, x, labels, 0.0)
-
-
-@pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable")
-def test_native_eval_mode_fuses_batch_norm_and_matches_shift() -> None:
-    """Eval mode with the native impl runs each depthwise conv, its BatchNorm (running
-    averages) and ReLU as one native call; outputs and gradients equal the shift-and-add
-    model's with flax's BatchNorm, on the same state."""
-    x = jax.random.normal(jax.random.key(1), (3, MIXED.resolution, MIXED.resolution, MIXED.in_ch))
-    native = build_model(MIXED, rngs=nnx.Rngs(0), depthwise="native")
-    native.train()
-    native(x)  # running averages away from (0, 1)
+@needs_native
+def test_backends_evaluate_the_same_network() -> None:
+    """In eval mode too (running averages away from their initial values), and the native
+    eval pass fuses each depthwise conv with its BatchNorm and ReLU."""
+    x = _images(MIXED, 3, seed=1)
+    native = build_model(MIXED, rngs=nnx.Rngs(0), backend="native")
+    _forward(native, x)  # running averages away from (0, 1)
     native.eval()
-    shift = build_model(MIXED, rngs=nnx.Rngs(1), depthwise="shift")
-    shift.eval()
-    nnx.update(shift, nnx.state(native))
-
+    xla = build_model(MIXED, rngs=nnx.Rngs(1), backend="xla")
+    xla.eval()
+    nnx.update(xla, nnx.state(native))
+    _assert_close(_forward(native, x), _forward(xla, x), "eval logits", rtol=1e-5)
     hlo = jax.jit(lambda x: native(x)).lower(x).as_text()
-    n_dw = sum(isinstance(m, DepthwiseConv) for _, m in nnx.iter_graph(native))
-    assert hlo.count("mobisearch_depthwise_fwd_affine") == n_dw > 0
-    _assert_close(native(x), shift(x), "eval logits", rtol=1e-5)
-    grads = [jax.grad(lambda x, m=m: m(x).sum())(x) for m in (native, shift)]
+    n_dw = sum(layer.op == "dw" for layer in MIXED.resolve())
+    assert hlo.count("mobisearch_depthwise_fwd_bn") == n_dw > 0
+    # Differentiating the eval-mode network works too (through the unfused operations).
+    grads = [jax.grad(lambda x, m=m: m(x).sum())(x) for m in (native, xla)]
     _assert_close(grads[0], grads[1], "eval d logits / d x", rtol=1e-4)
+
+
+def test_model_loss_is_optax_cross_entropy_of_its_logits(tiny_arch: ArchSpec) -> None:
+    model = build_model(tiny_arch, rngs=nnx.Rngs(0))
+    model.eval()
+    x, labels = _images(tiny_arch, 4), jnp.array([0, 3, 9, 3], jnp.int32)
+    want = optax.softmax_cross_entropy_with_integer_labels(model(x), labels).mean()
+    _assert_close(model.loss(x, labels), want, "loss", rtol=1e-6)
 
 
 def test_abstract_split_is_the_model_without_values() -> None:
     """The cached abstract model (built with a shape-only RNG stand-in) has the graph and
     state of a model built under `nnx.eval_shape` with real RNG streams, and building
     models from it leaves it abstract."""
-    graphdef, state = abstract_split(MIXED, depthwise="shift")
-    ref = nnx.eval_shape(lambda: MobileNet(MIXED.resolve(), depthwise="shift", rngs=nnx.Rngs(0)))
+    graphdef, state = abstract_split(MIXED, backend="xla")
+    ref = nnx.eval_shape(lambda: MobileNet(MIXED.resolve(), backend="xla", rngs=nnx.Rngs(0)))
     ref_graphdef, ref_state = nnx.split(ref)
     assert graphdef == ref_graphdef
     assert jax.tree.structure(state) == jax.tree.structure(ref_state)
     assert [(x.shape, x.dtype) for x in jax.tree.leaves(state)] == [
         (x.shape, x.dtype) for x in jax.tree.leaves(ref_state)
     ]
-    a = build_model(MIXED, rngs=nnx.Rngs(0), depthwise="shift")
-    b = build_model(MIXED, rngs=nnx.Rngs(1), depthwise="shift")
-    assert abstract_split(MIXED, depthwise="shift")[1] is state
+    a = build_model(MIXED, rngs=nnx.Rngs(0), backend="xla")
+    b = build_model(MIXED, rngs=nnx.Rngs(1), backend="xla")
+    assert abstract_split(MIXED, backend="xla")[1] is state
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
     assert not np.array_equal(a.stem.conv.kernel[...], b.stem.conv.kernel[...])
 
 
-@pytest.mark.parametrize("impl", ["native", "shift", "grouped"])
-def test_inference_apply_is_the_eval_mode_model(impl: str) -> None:
-    """The pure eval-mode forward on the host-folded BatchNorm affines computes what the
-    NNX model computes in eval mode (stride 1 and 2, `ds` residuals, kernels 1/3/5), and
-    `inference_shapes` gives the structure and shapes of `inference_state`."""
-    if impl == "native" and not kernels.available():
-        pytest.skip("native kernels unavailable")
-    x = _images(MIXED, 3, seed=2)
-    model = build_model(MIXED, rngs=nnx.Rngs(0), depthwise=impl)
-    _forward(model, x)  # running averages away from (0, 1)
-    model.eval()
-    _, params, rest = nnx.split(model, nnx.Param, ...)
-    layers = MIXED.resolve()
-    state = inference_state(layers, params, rest)
-    shapes = inference_shapes(layers)
-    assert jax.tree.structure(state) == jax.tree.structure(shapes)
-    assert [a.shape for a in jax.tree.leaves(state)] == [s.shape for s in jax.tree.leaves(shapes)]
-    apply = jax.jit(functools.partial(inference_apply, layers, depthwise=impl))
-    _assert_close(apply(state, x), _forward(model, x), f"{impl}: eval logits", rtol=1e-5)
-    if impl == "native":
-        n_dw = sum(layer.op == "dw" for layer in layers)
-        hlo = apply.lower(shapes, x).as_text()
-        assert hlo.count("mobisearch_depthwise_fwd_affine") == n_dw > 0
-
-
-# --- choosing an implementation, errors --------------------------------------------------
-
-
-def test_default_depthwise_impl_per_backend_and_env_override(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.delenv(DEPTHWISE_ENV_VAR, raising=False)
-    # The native kernels where they build (a C++ compiler is there), else shift-and-add;
-    # tests/test_kernels.py checks the fallback in a process without a compiler.
-    assert default_depthwise_impl("cpu") == ("native" if kernels.available() else "shift")
-    assert default_depthwise_impl("gpu") == "grouped"
-    assert default_depthwise_impl() in DEPTHWISE_IMPLS
-    monkeypatch.setenv(DEPTHWISE_ENV_VAR, "patches")
-    assert default_depthwise_impl("cpu") == "patches"
-    model = build_model(tiny(), rngs=nnx.Rngs(0))
-    assert model.blocks[0].dw.conv.impl == "patches"
-    monkeypatch.setenv(DEPTHWISE_ENV_VAR, "fast")
-    with pytest.raises(ValueError, match=f"{DEPTHWISE_ENV_VAR}.*'fast'"):
-        default_depthwise_impl()
+def test_state_does_not_depend_on_the_backend() -> None:
+    """A state saved from one backend loads into the other: the same paths and shapes."""
+    a = jax.tree.leaves(abstract_split(MIXED, backend="xla")[1])
+    b = jax.tree.leaves(abstract_split(MIXED, backend="native")[1])
+    assert [x.shape for x in a] == [x.shape for x in b]
 
 
 def test_errors_name_the_bad_value(tiny_arch: ArchSpec) -> None:
-    with pytest.raises(ValueError, match=r"`depthwise` \(='winograd'\)"):
-        build_model(tiny_arch, rngs=nnx.Rngs(0), depthwise="winograd")
+    with pytest.raises(ValueError, match=r"`backend` \(='winograd'\)"):
+        build_model(tiny_arch, rngs=nnx.Rngs(0), backend="winograd")
     model = build_model(tiny_arch, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"\[b, h, w, 3\], got shape \(2, 32, 32, 1\)"):
         model(jnp.zeros((2, 32, 32, 1)))
-    x, k = jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 1, 2))
-    with pytest.raises(ValueError, match=r"`stride` \(=3\)"):
-        depthwise_conv(x, k, stride=3, impl="shift")
-    with pytest.raises(ValueError, match="3 channels but `x` has 2"):
-        depthwise_conv(x, jnp.zeros((3, 3, 1, 3)), stride=1, impl="shift")
-    with pytest.raises(ValueError, match=r"`impl` \(='fft'\)"):
-        depthwise_conv(x, k, stride=1, impl="fft")
     with pytest.raises(ValueError, match=r"conv, \(dw, pw\)\*, pool, fc"):
-        MobileNet(tiny_arch.resolve()[:-1], depthwise="grouped", rngs=nnx.Rngs(0))
+        MobileNet(tiny_arch.resolve()[:-1], backend="xla", rngs=nnx.Rngs(0))

@@ -13,8 +13,8 @@
 //             more fusions per layer.
 //   backward: g' = g·[y > 0] (ReLU) or g; dbias = Σg'; dscale = Σg'·x̂ with
 //             x̂ = (x - mean)/sqrt(var + eps); dx = a·(g' - dbias/N - x̂·dscale/N).
-//   eval:     y = act(x·a + b) [+ r] with a, b given (folded on the host); XLA compiled
-//             this as one loop fusion per layer, most of an eval-mode program's compile.
+//   eval:     y = act(x·a + b) [+ r] with a, b folded from the layer's state (fold.h);
+//             XLA compiled this as fusions per layer, most of an eval-mode program's compile.
 //
 // Sums run in float over at most 64 strides, then in double, per chunk of rows, and the
 // chunks are added in a fixed order, so the result does not depend on thread timing.
@@ -26,6 +26,7 @@
 #include <utility>
 #include <vector>
 
+#include "fold.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -33,6 +34,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using mobisearch::FoldBatchNorm;
+using mobisearch::Folded;
 using mobisearch::NumChunks;
 using mobisearch::ParallelFor;
 
@@ -270,57 +273,67 @@ void EvalAffineRows(const float* __restrict x, const float* __restrict a,
 constexpr int64_t kSerialBelow = 1 << 16;
 
 ffi::Error EvalAffine(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x,
-                      ffi::Buffer<ffi::F32>& scale, ffi::Buffer<ffi::F32>& shift,
+                      ffi::Buffer<ffi::F32>& scale, ffi::Buffer<ffi::F32>& bias,
+                      ffi::Buffer<ffi::F32>& mean, ffi::Buffer<ffi::F32>& var,
                       const ffi::Buffer<ffi::F32>* residual, ffi::ResultBuffer<ffi::F32>& y,
-                      int32_t relu) {
+                      float epsilon, int32_t relu) {
   const int64_t C = scale.element_count();
   if (auto err = CheckShapes(x.dimensions(), C, "x"); !err.success()) return err;
-  if (shift.element_count() != C)
-    return ffi::Error::InvalidArgument("scale and shift must hold one value per channel");
+  Folded f;
+  if (auto err = FoldBatchNorm(scale, bias, mean, var, epsilon, C, &f); !err.success())
+    return err;
   if (residual != nullptr && residual->element_count() != x.element_count())
     return ffi::Error::InvalidArgument("the residual must be shaped like x");
   const int64_t rows = Rows(x.dimensions());
   const float* r = residual ? residual->typed_data() : nullptr;
   const int64_t chunks = rows * C < kSerialBelow ? 1 : NumChunks(pool, rows);
   ParallelFor(pool, chunks, [&](int64_t t) {
-    EvalAffineRows(x.typed_data(), scale.typed_data(), shift.typed_data(), r, relu != 0, C,
-                   rows * t / chunks, rows * (t + 1) / chunks, y->typed_data());
+    EvalAffineRows(x.typed_data(), f.a.data(), f.b.data(), r, relu != 0, C, rows * t / chunks,
+                   rows * (t + 1) / chunks, y->typed_data());
   });
   return ffi::Error::Success();
 }
 
-ffi::Error AffineForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                         ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
-                         ffi::ResultBuffer<ffi::F32> y, int32_t relu) {
-  return EvalAffine(pool, x, scale, shift, nullptr, y, relu);
+ffi::Error EvalBatchNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                         ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                         ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var,
+                         ffi::ResultBuffer<ffi::F32> y, float epsilon, int32_t relu) {
+  return EvalAffine(pool, x, scale, bias, mean, var, nullptr, y, epsilon, relu);
 }
 
-ffi::Error AffineAddForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                            ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
+ffi::Error EvalBatchNormAdd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                            ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var,
                             ffi::Buffer<ffi::F32> residual, ffi::ResultBuffer<ffi::F32> y,
-                            int32_t relu) {
-  return EvalAffine(pool, x, scale, shift, &residual, y, relu);
+                            float epsilon, int32_t relu) {
+  return EvalAffine(pool, x, scale, bias, mean, var, &residual, y, epsilon, relu);
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MobisearchAffine, AffineForward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MobisearchBatchNormEval, EvalBatchNorm,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scale
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // shift
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // running mean
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // running var
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Attr<float>("epsilon")
                                   .Attr<int32_t>("relu"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MobisearchAffineAdd, AffineAddForward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MobisearchBatchNormEvalAdd, EvalBatchNormAdd,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scale
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // shift
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // running mean
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // running var
                                   .Arg<ffi::Buffer<ffi::F32>>()  // residual
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Attr<float>("epsilon")
                                   .Attr<int32_t>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MobisearchBatchNormForward, BatchNormForward,

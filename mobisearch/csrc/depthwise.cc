@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "fold.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -30,6 +31,8 @@ namespace {
 using mobisearch::NumChunks;
 using mobisearch::ParallelFor;
 using mobisearch::ParallelSum;
+using mobisearch::FoldBatchNorm;
+using mobisearch::Folded;
 
 struct Geometry {
   int64_t n, h, w, c, k, oh, ow, stride, lo_h, lo_w;
@@ -176,17 +179,19 @@ ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return Forward(pool, x, w, nullptr, nullptr, false, y, stride, lo_h, lo_w);
 }
 
-// The forward followed by y·scale + shift per channel and, if relu, max(·, 0).
-ffi::Error DepthwiseForwardAffine(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                                  ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> scale,
-                                  ffi::Buffer<ffi::F32> shift, ffi::ResultBuffer<ffi::F32> y,
-                                  int32_t stride, int32_t lo_h, int32_t lo_w, int32_t relu) {
+// The forward followed by the eval-mode BatchNorm of (scale, bias, mean, var), folded to
+// y·a + b per channel (fold.h), and, if relu, max(·, 0).
+ffi::Error DepthwiseForwardBatchNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                     ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> scale,
+                                     ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> mean,
+                                     ffi::Buffer<ffi::F32> var, ffi::ResultBuffer<ffi::F32> y,
+                                     int32_t stride, int32_t lo_h, int32_t lo_w, float epsilon,
+                                     int32_t relu) {
   const auto c = x.dimensions().size() == 4 ? x.dimensions()[3] : -1;
-  if (scale.element_count() != static_cast<size_t>(c) ||
-      shift.element_count() != static_cast<size_t>(c))
-    return ffi::Error::InvalidArgument("scale and shift must hold one value per channel");
-  return Forward(pool, x, w, scale.typed_data(), shift.typed_data(), relu != 0, y, stride,
-                 lo_h, lo_w);
+  Folded f;
+  if (auto err = FoldBatchNorm(scale, bias, mean, var, epsilon, c, &f); !err.success())
+    return err;
+  return Forward(pool, x, w, f.a.data(), f.b.data(), relu != 0, y, stride, lo_h, lo_w);
 }
 
 ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -222,17 +227,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MobisearchDepthwiseForward, DepthwiseForward,
                                   .Attr<int32_t>("lo_h")
                                   .Attr<int32_t>("lo_w"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MobisearchDepthwiseForwardAffine, DepthwiseForwardAffine,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MobisearchDepthwiseForwardBatchNorm, DepthwiseForwardBatchNorm,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // kernel
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // running mean
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // running var
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("stride")
                                   .Attr<int32_t>("lo_h")
                                   .Attr<int32_t>("lo_w")
+                                  .Attr<float>("epsilon")
                                   .Attr<int32_t>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MobisearchDepthwiseBackward, DepthwiseBackward,

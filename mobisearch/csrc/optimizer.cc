@@ -1,6 +1,6 @@
 // The optimizer update of a whole train step (every parameter array) as one XLA FFI call,
-// for XLA:CPU: AdamW, or SGD with Nesterov momentum after weight decay, as
-// `mobisearch.train.make_optimizer` builds them with optax.
+// for XLA:CPU: AdamW, or SGD with Nesterov momentum after weight decay, as optax's `adamw`
+// and `chain(add_decayed_weights, sgd(nesterov=True))` compute them (`mobisearch.optim`).
 //
 // Through optax, XLA compiles the update of each parameter array as its own fused loop:
 // about 80 of the ~100 kernels of a MobileNet train step, two thirds of its compile time.
@@ -12,10 +12,11 @@
 //
 // Per element, in optax's order and float32 (c1 = 1 - b1, c2 = 1 - b2, rounded in Python):
 //   AdamW: m' = c1·g + b1·m; v' = c2·g² + b2·v;
-//          u = (m'/bc1) / (sqrt(v'/bc2) + eps) [+ wd·p]; p' = p + (-lr)·u
-//   SGD:   t = g [+ wd·p]; m' = t + b1·m; u = t + b1·m' (Nesterov); p' = p + (-lr)·u
-// `[+ wd·p]` only for the arrays whose `decay` flag is set. Elementwise, so the result does
-// not depend on how the work is split between threads.
+//          u = (m'/bc1) / (sqrt(v'/bc2) + eps) [+ wd·p]
+//   SGD:   t = g [+ wd·p]; m' = t + b1·m; u = t + b1·m' (Nesterov)
+// then the update (-lr)·u, or with `apply` the new parameter p + (-lr)·u (optax's
+// `apply_updates` of it, fused). `[+ wd·p]` only for the arrays whose `decay` flag is set.
+// Elementwise, so the result does not depend on how the work is split between threads.
 //
 // The moments are one flat buffer each (m, and v for AdamW), the arrays' moments one after
 // the other in parameter order: a Fashion-MNIST candidate has 83 parameter arrays, and with
@@ -46,13 +47,13 @@ struct Leaf {
 };
 
 struct Hyper {
-  bool adam;
+  bool adam, apply;
   float b1, c1, b2, c2, eps, wd, neg_lr, bc1, bc2;
 };
 
 // One branch-free loop per (optimizer, decay) pair, so the compiler vectorises it
 // (`-fno-math-errno` lets it use the vector square root).
-template <bool kAdam, bool kDecay>
+template <bool kAdam, bool kDecay, bool kApply>
 void UpdateLoop(const Leaf& l, const Hyper& h, int64_t e0, int64_t e1) {
   const float* __restrict p = l.p;
   const float* __restrict g = l.g;
@@ -77,22 +78,29 @@ void UpdateLoop(const Leaf& l, const Hyper& h, int64_t e0, int64_t e1) {
       m_out[i] = mi;
       u = t + h.b1 * mi;
     }
-    p_out[i] = p[i] + h.neg_lr * u;
+    p_out[i] = kApply ? p[i] + h.neg_lr * u : h.neg_lr * u;
+  }
+}
+
+template <bool kApply>
+void UpdateRangeAs(const Leaf& l, const Hyper& h, int64_t e0, int64_t e1) {
+  if (h.adam) {
+    l.decay ? UpdateLoop<true, true, kApply>(l, h, e0, e1)
+            : UpdateLoop<true, false, kApply>(l, h, e0, e1);
+  } else {
+    l.decay ? UpdateLoop<false, true, kApply>(l, h, e0, e1)
+            : UpdateLoop<false, false, kApply>(l, h, e0, e1);
   }
 }
 
 void UpdateRange(const Leaf& l, const Hyper& h, int64_t e0, int64_t e1) {
-  if (h.adam) {
-    l.decay ? UpdateLoop<true, true>(l, h, e0, e1) : UpdateLoop<true, false>(l, h, e0, e1);
-  } else {
-    l.decay ? UpdateLoop<false, true>(l, h, e0, e1) : UpdateLoop<false, false>(l, h, e0, e1);
-  }
+  h.apply ? UpdateRangeAs<true>(l, h, e0, e1) : UpdateRangeAs<false>(l, h, e0, e1);
 }
 
 ffi::Error Update(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> count,
                   ffi::RemainingArgs args, ffi::ResultBuffer<ffi::S32> new_count,
-                  ffi::RemainingRets rets, int32_t adam, float b1, float c1, float b2, float c2,
-                  float eps, float wd, ffi::Span<const int32_t> decay) {
+                  ffi::RemainingRets rets, int32_t adam, int32_t apply, float b1, float c1,
+                  float b2, float c2, float eps, float wd, ffi::Span<const int32_t> decay) {
   const int64_t n = static_cast<int64_t>(decay.size());
   const int64_t moments = adam ? 2 : 1;
   const auto td = table.dimensions();
@@ -108,7 +116,7 @@ ffi::Error Update(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buffer
     return ffi::Error::InvalidArgument("need params and grads for every flag, and the moments");
   new_count->typed_data()[0] = static_cast<int32_t>(step + 1);
   const float* c = table.typed_data() + 3 * step;
-  const Hyper h{adam != 0, b1, c1, b2, c2, eps, wd, -c[0], c[1], c[2]};
+  const Hyper h{adam != 0, apply != 0, b1, c1, b2, c2, eps, wd, -c[0], c[1], c[2]};
   std::vector<Leaf> leaves(static_cast<size_t>(n));
   std::vector<int64_t> starts(static_cast<size_t>(n + 1), 0);
   const float* flat_in[2] = {nullptr, nullptr};
@@ -164,8 +172,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MobisearchOptimizerUpdate, Update,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // count: this step's row
                                   .RemainingArgs()  // params, grads: n each; flat m[, v]
                                   .Ret<ffi::Buffer<ffi::S32>>()  // count + 1
-                                  .RemainingRets()  // params: n; flat m[, v]
+                                  .RemainingRets()  // updates or params: n; flat m[, v]
                                   .Attr<int32_t>("adam")
+                                  .Attr<int32_t>("apply")
                                   .Attr<float>("b1")
                                   .Attr<float>("c1")
                                   .Attr<float>("b2")

@@ -1,0 +1,125 @@
+"""Optimizers: the fused native update is optax's AdamW / SGD, an optax transformation
+like any other, and its schedule table is the schedule a step computes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mobisearch import compile as compile_
+from mobisearch import kernels, optim, train
+from tests.test_train import CFG, small_arch
+
+needs_native = pytest.mark.skipif(
+    jax.default_backend() != "cpu" or not kernels.available(),
+    reason="needs the CPU backend and the native kernels",
+)
+
+
+@pytest.mark.parametrize("backend", ["xla", "native"])
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_init_optimizer_equals_the_optimizer_s_init(optimizer: str, backend: str) -> None:
+    _, params, _ = train.fresh_split(small_arch(), training=True)
+    tx = optim.make_optimizer(dataclasses.replace(CFG, optimizer=optimizer), backend=backend)
+    got, want = optim.init_optimizer(tx, params), tx.init(params)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert isinstance(a, jax.Array) and a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    # A state that does not start at zero is refused, not silently zeroed.
+    with pytest.raises(ValueError, match="does not start at zero"):
+        optim.init_optimizer(optax.adagrad(0.1, initial_accumulator_value=0.1), params)
+
+
+def _run(tx, params, grads_seq, *, fused_apply: bool):  # type: ignore[no-untyped-def]
+    """Parameters after applying `tx` to each gradient of `grads_seq`."""
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, grads):  # type: ignore[no-untyped-def]
+        if fused_apply:
+            return optim.apply_updates(tx, grads, state, params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for grads in grads_seq:
+        params, state = step(params, state, grads)
+    return params, state
+
+
+@needs_native
+@pytest.mark.parametrize("fused_apply", [True, False], ids=["apply_updates", "update"])
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_fused_optimizer_is_optax_s(optimizer: str, fused_apply: bool) -> None:
+    """The fused transformation gives optax's AdamW / SGD (same schedule, same weight-decay
+    mask, same moments), to float32 rounding, over the warm-up and the cosine decay, both
+    through `tx.update` + `optax.apply_updates` and through the one-call `apply_updates`."""
+    cfg = dataclasses.replace(CFG, optimizer=optimizer, weight_decay=0.05)
+    native, reference = (optim.make_optimizer(cfg, backend=b) for b in ("native", "xla"))
+    assert isinstance(native, optax.GradientTransformation)
+    _, params, _ = train.fresh_split(small_arch(), "native", training=True)
+    rng = np.random.default_rng(0)
+    grads_seq = [
+        jax.tree.map(lambda p: rng.standard_normal(p.shape).astype(np.float32), params)
+        for _ in range(cfg.steps)
+    ]
+    p_n, state_n = _run(native, params, grads_seq, fused_apply=fused_apply)
+    p_r, _ = _run(reference, params, grads_seq, fused_apply=False)
+    moved = 0.0
+    leaves = zip(jax.tree.leaves(p_n), jax.tree.leaves(p_r), jax.tree.leaves(params), strict=True)
+    for a, b, p0 in leaves:
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        moved = max(moved, float(np.max(np.abs(np.asarray(b) - np.asarray(p0)))))
+    assert moved > 1e-3  # the steps did move the parameters
+    assert int(state_n.steps) == cfg.steps
+    # The schedule is a table of the recipe's steps: one step more is refused.
+    with pytest.raises(Exception, match="step 12 is past the recipe.s 12 steps"):
+        jax.block_until_ready(native.update(grads_seq[0], state_n, p_n))
+
+
+@needs_native
+def test_fused_optimizer_composes_with_optax_chain() -> None:
+    """Clipping before the fused AdamW: the same as clipping before optax's AdamW."""
+    cfg = dataclasses.replace(CFG, weight_decay=0.01)
+    _, params, _ = train.fresh_split(small_arch(), "native", training=True)
+    grads = jax.tree.map(lambda p: 10.0 * jnp.ones_like(p), params)
+    results = []
+    for backend in ("native", "xla"):
+        tx = optax.chain(
+            optax.clip_by_global_norm(1.0), optim.make_optimizer(cfg, backend=backend)
+        )
+        results.append(_run(tx, params, [grads] * 3, fused_apply=True)[0])
+    for a, b in zip(*map(jax.tree.leaves, results), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_coefficient_table_is_the_schedule_computed_in_a_step() -> None:
+    """Row t of the table is bit for bit what optax computes inside step t: the schedule's
+    learning rate and Adam's bias corrections."""
+    cfg = dataclasses.replace(CFG, steps=30, warmup_steps=5)
+    schedule = optim.make_schedule(cfg)
+    assert callable(schedule)
+    table = optim.coefficient_table(schedule, cfg.steps, optim.ADAM_B1, optim.ADAM_B2)
+    assert table.shape == (30, 3) and table.dtype == np.float32
+    one = jax.jit(lambda t: jnp.stack([schedule(t), 1 - optim.ADAM_B1 ** (t + 1)]))
+    for t in (0, 4, 5, 17, 29):
+        assert np.array_equal(table[t, :2], np.asarray(one(np.int32(t)), np.float32)), t
+    assert table[0, 0] == 0.0 and table[5, 0] == np.float32(cfg.learning_rate)
+
+
+@needs_native
+def test_prepare_recipe_builds_the_optimizer_once() -> None:
+    """A search builds the recipe's optimizer (with its table) before the first candidate;
+    the candidates' train steps reuse it."""
+    cfg = dataclasses.replace(CFG, steps=13)
+    optim.make_optimizer.cache_clear()
+    train.prepare_recipe(cfg, "native")
+    assert optim.make_optimizer.cache_info().currsize == 1
+    hits = optim.make_optimizer.cache_info().hits
+    compile_.compile_train(small_arch(0.5, resolution=12), cfg, "native", 64)
+    assert optim.make_optimizer.cache_info().hits == hits + 1
