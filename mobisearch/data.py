@@ -28,8 +28,9 @@ IDX files, each either gzipped, ``train-images-idx3-ubyte.gz``, or not,
    ``dataset-fashion-mnist``) or ``/usr/share/datasets/mnist/``.
 
 For 1 and 2, the folder may hold the files itself or be a parent with a ``<name>/``
-subfolder (``fashion-mnist/`` is accepted too). A folder named in 1 or 2 that does not exist
-is an error rather than silently skipped, since it is almost always a typo.
+subfolder (``fashion-mnist/`` is accepted too). A folder named in 1 or 2 that does not exist,
+or that holds some of the four files but not all, is an error rather than silently skipped:
+the dataset would otherwise come from another folder without a word.
 
 If none holds the files and `download` is true, they are downloaded into the cache folder
 from the official location (or ``MOBISEARCH_DATA_URL``). Each file is written to a
@@ -347,12 +348,25 @@ def locate_dataset(name: str, *, data_dir: str | os.PathLike[str] | None = None)
       The first folder holding all four files, or None.
 
     Raises:
-      DataError: `data_dir` or `$MOBISEARCH_DATA_DIR` names a folder that does not exist.
+      DataError: `data_dir` or `$MOBISEARCH_DATA_DIR` names a folder that does not exist,
+        or one that holds some of the four files but not all.
     """
-    for folder, _ in _search_dirs(name, data_dir):
+    for folder, origin in _search_dirs(name, data_dir):
         if _find_files(folder) is not None:
             return folder
+        if origin in ("data_dir argument", f"${ENV_DATA_DIR}"):
+            _check_not_partial(folder, origin)
     return None
+
+
+def _check_not_partial(folder: Path, origin: str) -> None:
+    present = [s for s in FILE_STEMS if (folder / f"{s}.gz").is_file() or (folder / s).is_file()]
+    if present:
+        missing = [s for s in FILE_STEMS if s not in present]
+        raise DataError(
+            f"{folder} ({origin}): holds {', '.join(present)} but not {', '.join(missing)}; "
+            "expected all four IDX files (.gz or not)"
+        )
 
 
 def _search_dirs(name: str, data_dir: str | os.PathLike[str] | None) -> list[tuple[Path, str]]:

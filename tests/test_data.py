@@ -264,9 +264,23 @@ def test_search_order(four_copies: dict[str, Path], monkeypatch: pytest.MonkeyPa
     assert (ds.source, pool_size(ds)) == (four_copies["system"], 50)
 
 
-def test_folder_missing_a_file_is_skipped(four_copies: dict[str, Path]) -> None:
-    (four_copies["data_dir"] / "t10k-labels-idx1-ubyte.gz").unlink()
-    assert locate_dataset("fashion_mnist", data_dir=four_copies["data_dir"]) == four_copies["env"]
+@pytest.mark.parametrize("named", ["data_dir", "env"])
+def test_named_folder_missing_a_file_is_an_error(four_copies: dict[str, Path], named: str) -> None:
+    """A --data-dir (or $MOBISEARCH_DATA_DIR) holding only some files names the missing one
+    instead of loading the dataset from another folder without a word."""
+    (four_copies[named] / "t10k-labels-idx1-ubyte.gz").unlink()
+    data_dir = four_copies["data_dir"] if named == "data_dir" else None
+    with pytest.raises(DataError, match="but not t10k-labels-idx1-ubyte") as e:
+        locate_dataset("fashion_mnist", data_dir=data_dir)
+    assert str(four_copies[named]) in str(e.value)
+
+
+def test_cache_folder_missing_a_file_is_skipped(
+    four_copies: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(data.ENV_DATA_DIR)
+    (four_copies["cache"] / "t10k-labels-idx1-ubyte.gz").unlink()
+    assert locate_dataset("fashion_mnist") == four_copies["system"]
 
 
 @pytest.mark.parametrize("sub", ["fashion_mnist", "fashion-mnist"])
