@@ -184,8 +184,9 @@ class CompiledForward:
 
 @dataclasses.dataclass(frozen=True)
 class CompiledTrain(CompiledForward):
-    """A train step: `step(params, rest, opt_state, x_all, y_all, idx) -> (params, rest,
-    opt_state, loss)` (the first three donated), its optimizer and its compile."""
+    """A train step: `step(params, rest, opt_state, x_all, y_all, idx, rates) -> (params,
+    rest, opt_state, loss)` (the first three donated), its optimizer (with the recipe's own
+    rates, for `init`) and its compile."""
 
     tx: optax.GradientTransformation
 
@@ -244,13 +245,17 @@ def _aot_compile(
 @functools.lru_cache(maxsize=32)
 def compile_train(arch: ArchSpec, cfg: TrainConfig, backend: str, n_train: int) -> CompiledTrain:
     """The train step of one architecture, recipe and backend, for a training set of
-    `n_train` images on the device; traced and compiled once (cached)."""
+    `n_train` images on the device; traced and compiled once (cached).
+
+    The step takes the learning rate of every step of the recipe as an argument (`rates`,
+    float32 `[cfg.steps]`, indexed by the optimizer's step count), so every schedule of
+    that length runs on the same program.
+    """
     graphs, graphs_s = _timed_graphs(arch, backend)
     start = time.perf_counter()
     graphdef, smoothing = graphs.train, cfg.label_smoothing
-    tx = optim.make_optimizer(cfg, backend=backend)
 
-    def train_step(params, rest, opt_state, x_all, y_all, idx):  # type: ignore[no-untyped-def]
+    def train_step(params, rest, opt_state, x_all, y_all, idx, rates):  # type: ignore[no-untyped-def]
         TRACE_COUNTS["train_step"] += 1
         x, y = ops.take_rows(x_all, y_all, idx, backend=backend)
 
@@ -262,9 +267,11 @@ def compile_train(arch: ArchSpec, cfg: TrainConfig, backend: str, n_train: int) 
             return loss, nnx.state(model, nnx.Not(nnx.Param))
 
         (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
+        tx = optim.make_optimizer(cfg, backend=backend, rates=rates)
         params, opt_state = optim.apply_updates(tx, grads, opt_state, params)
         return params, rest, opt_state, loss
 
+    tx = optim.make_optimizer(cfg, backend=backend)
     r, c = arch.resolution, arch.in_ch
     args = (
         graphs.params,
@@ -273,6 +280,7 @@ def compile_train(arch: ArchSpec, cfg: TrainConfig, backend: str, n_train: int) 
         jax.ShapeDtypeStruct((n_train, r, r, c), jnp.float32),
         jax.ShapeDtypeStruct((n_train,), jnp.int32),
         jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32),
+        jax.ShapeDtypeStruct((cfg.steps,), jnp.float32),
     )
     options = train_compiler_options()
     step, times = _aot_compile(train_step, args, start, graphs_s, options, (0, 1, 2))

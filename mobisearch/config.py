@@ -34,7 +34,7 @@ __all__ = [
 
 Dataset = Literal["fashion_mnist", "mnist", "synthetic"]
 Optimizer = Literal["adamw", "sgd"]
-Schedule = Literal["warmup_cosine", "constant"]
+Schedule = Literal["warmup_cosine", "constant", "wsd"]
 
 DATASETS: tuple[str, ...] = get_args(Dataset)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
@@ -194,6 +194,7 @@ _TRAIN_RULES: dict[str, _Rule] = {
     "label_smoothing": _Rule("float", lo=0, hi=1, hi_open=True),
     "seed": _Rule("int", lo=0, hi=_MAX_SEED),
     "eval_batch_size": _Rule("int", lo=1),
+    "decay_fraction": _Rule("float", lo=0, hi=1, lo_open=True),
 }
 
 
@@ -207,12 +208,15 @@ class TrainConfig:
       optimizer: `"adamw"` or `"sgd"` (with momentum).
       learning_rate: peak learning rate (> 0).
       schedule: `"warmup_cosine"` (linear warmup, then cosine decay over the remaining
-        steps) or `"constant"`.
-      warmup_steps: linear-warmup steps of `"warmup_cosine"`; must be < `steps` there.
+        steps), `"wsd"` (warmup-stable-decay: linear warmup, the peak rate, then a linear
+        decay to 0 over the last `decay_fraction` of the steps; a multi-fidelity search
+        branches such a decay off the stable phase at every rung) or `"constant"`.
+      warmup_steps: linear-warmup steps; must be < `steps` (except under `"constant"`).
       weight_decay: decoupled weight decay (>= 0).
       label_smoothing: in [0, 1).
       seed: seed of the parameter initialisation and the batch order.
       eval_batch_size: images per validation step (memory only; no effect on results).
+      decay_fraction: the share of the steps that the `"wsd"` schedule decays over.
 
     Raises:
       ValueError: naming the field, the bad value and what was expected.
@@ -232,16 +236,17 @@ class TrainConfig:
     label_smoothing: float = 0.0
     seed: int = 0
     eval_batch_size: int = 1000
+    decay_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         _check_fields(self, _TRAIN_RULES)
-        if self.schedule == "warmup_cosine" and self.warmup_steps >= self.steps:
+        if self.schedule != "constant" and self.warmup_steps >= self.steps:
             raise _FieldError(
                 "TrainConfig",
                 "warmup_steps",
                 self.warmup_steps,
                 f"an integer with 0 <= warmup_steps < steps (= {self.steps}) under the "
-                '"warmup_cosine" schedule',
+                f'"{self.schedule}" schedule',
             )
 
 

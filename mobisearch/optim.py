@@ -1,12 +1,14 @@
 """Optimizers and learning-rate schedules of a training recipe, as optax transformations.
 
-`make_optimizer(cfg, backend=...)` returns an `optax.GradientTransformation`: optax's own
-`adamw` (or SGD with Nesterov momentum after decoupled weight decay) on the `"xla"`
-backend, and on `"native"` the same update as one C++ call per step (`fused_adamw`,
+`make_optimizer(cfg, backend=..., rates=...)` returns an `optax.GradientTransformation`:
+optax's own `adamw` (or SGD with Nesterov momentum after decoupled weight decay) on the
+`"xla"` backend, and on `"native"` the same update as one C++ call per step (`fused_adamw`,
 `fused_sgd`): a transformation like any other (`init`, `update`, composable with
-`optax.chain`), whose state keeps each moment as ONE flat array. Its step-dependent scalars
-(the schedule's learning rate and Adam's bias corrections) come from a table computed once
-per recipe with optax's schedule.
+`optax.chain`), whose state keeps each moment as ONE flat array.
+
+A train step takes its learning rates as data, one per step (`learning_rates` of an optax
+schedule), so one compiled step serves the decay branches of a warmup-stable-decay
+schedule (`wsd_schedule`) as well as the recipe's own schedule.
 
 Weight decay applies to kernels (arrays of rank > 1), not to BatchNorm or biases.
 """
@@ -35,8 +37,11 @@ __all__ = [
     "fused_adamw",
     "fused_sgd",
     "init_optimizer",
+    "learning_rates",
     "make_optimizer",
     "make_schedule",
+    "recipe_rates",
+    "wsd_schedule",
 ]
 
 # optax.adamw's default decay rates and epsilon, and the SGD momentum of `make_optimizer`.
@@ -53,7 +58,51 @@ def make_schedule(cfg: TrainConfig) -> optax.ScalarOrSchedule:
             decay_steps=max(cfg.steps, 1),
             end_value=cfg.learning_rate * 0.01,
         )
+    if cfg.schedule == "wsd":
+        stable = max(cfg.steps - decay_steps(cfg.steps, cfg.decay_fraction), cfg.warmup_steps)
+        return wsd_schedule(cfg.learning_rate, cfg.warmup_steps, stable, cfg.steps)
     return cfg.learning_rate
+
+
+@functools.lru_cache(maxsize=16)
+def recipe_rates(cfg: TrainConfig) -> np.ndarray:
+    """`[cfg.steps]` float32: the learning rate of each step of the recipe's own schedule
+    (cached per recipe: computing them compiles a small program)."""
+    return learning_rates(make_schedule(cfg), cfg.steps)
+
+
+def decay_steps(steps: int, fraction: float) -> int:
+    """How many of `steps` a warmup-stable-decay schedule decays over (at least 1)."""
+    return max(1, round(steps * fraction))
+
+
+def wsd_schedule(peak: float, warmup: int, stable_until: int, stop: int) -> optax.Schedule:
+    """Warmup-stable-decay: linear warmup from 0 to `peak` over `warmup` steps, `peak`
+    until step `stable_until`, then linear decay to 0 at step `stop` (the decay branch of a
+    run scored at `stop`).
+
+    Examples:
+      >>> f = wsd_schedule(1.0, 2, 6, 10)
+      >>> [round(float(f(t)), 2) for t in range(10)]
+      [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
+    """
+    warm = optax.linear_schedule(0.0, peak, max(warmup, 1))
+    decay = optax.linear_schedule(peak, 0.0, max(stop - stable_until, 1))
+    return optax.join_schedules(
+        [warm, optax.constant_schedule(peak), decay], [warmup, stable_until]
+    )
+
+
+def learning_rates(schedule: optax.ScalarOrSchedule, steps: int) -> np.ndarray:
+    """`[steps]` float32: the rate of each step `t` under `schedule`, as optax computes it
+    inside step `t` (the same values bit for bit). Train steps take their rates as data,
+    so one compiled step serves every schedule of the same length."""
+    with jax.ensure_compile_time_eval():  # computed now, also when asked for in a trace
+        t = jnp.arange(max(steps, 1), dtype=jnp.int32)
+        rates = jax.jit(jax.vmap(schedule))(t) if callable(schedule) else t * 0 + schedule
+        out = np.asarray(rates, np.float32)
+    out.flags.writeable = False
+    return out
 
 
 def decay_mask(params: Any) -> Any:
@@ -61,51 +110,60 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-@functools.lru_cache(maxsize=16)
-def make_optimizer(cfg: TrainConfig, *, backend: str = "xla") -> optax.GradientTransformation:
-    """The optimizer and learning-rate schedule of a training recipe, for `backend`.
+def make_optimizer(
+    cfg: TrainConfig, *, backend: str = "xla", rates: Any = None
+) -> optax.GradientTransformation:
+    """The optimizer of a training recipe, for `backend`.
 
-    Cached per recipe and backend, so the fused optimizer's coefficient table is computed
-    once (a small program of its own).
+    Args:
+      cfg: the recipe (optimizer, weight decay, steps).
+      backend: `"native"` gives the fused update where the kernels apply, else optax's.
+      rates: the learning rate of each step, `[cfg.steps]` (a host or traced array: a
+        compiled train step takes them as an argument); default the recipe's schedule.
     """
-    lr = make_schedule(cfg)
+    lr: Any = recipe_rates(cfg) if rates is None else rates
     if backend == "native" and ops.native_applies("native", jnp.zeros((), jnp.float32)):
         if cfg.optimizer == "adamw":
             return fused_adamw(lr, steps=cfg.steps, weight_decay=cfg.weight_decay)
         return fused_sgd(lr, steps=cfg.steps, weight_decay=cfg.weight_decay)
+
+    def schedule(count: jax.Array) -> jax.Array:
+        return jnp.asarray(lr)[count]
+
     if cfg.optimizer == "adamw":
         return optax.adamw(
-            lr, ADAM_B1, ADAM_B2, ADAM_EPS, weight_decay=cfg.weight_decay, mask=decay_mask
+            schedule, ADAM_B1, ADAM_B2, ADAM_EPS, weight_decay=cfg.weight_decay, mask=decay_mask
         )
     return optax.chain(
         optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
-        optax.sgd(lr, momentum=SGD_MOMENTUM, nesterov=True),
+        optax.sgd(schedule, momentum=SGD_MOMENTUM, nesterov=True),
     )
 
 
-def coefficient_table(
-    learning_rate: optax.ScalarOrSchedule, steps: int, b1: float, b2: float
-) -> np.ndarray:
-    """`[steps, 3]` float32: row `t` the `[lr, bc1, bc2]` of step `t`, i.e. the schedule's
-    learning rate and Adam's bias corrections `1 - b**(t + 1)`, computed by JAX as optax
-    computes them inside a step (the same values bit for bit)."""
+@functools.lru_cache(maxsize=16)
+def _bias_corrections(b1: float, b2: float, steps: int) -> np.ndarray:
+    """`[steps, 2]` float32: Adam's bias corrections `1 - b**(t + 1)` of each step `t`, as
+    optax computes them inside step `t` (bit for bit)."""
 
     def row(count: jax.Array) -> jax.Array:
         inc = count + 1
-        lr = learning_rate(count) if callable(learning_rate) else learning_rate
-        return jnp.stack(
-            [
-                jnp.asarray(lr, jnp.float32),
-                jnp.asarray(1 - b1**inc, jnp.float32),
-                jnp.asarray(1 - b2**inc, jnp.float32),
-            ]
-        )
+        return jnp.stack([jnp.asarray(1 - b1**inc, jnp.float32), 1 - b2**inc])
 
-    with jax.ensure_compile_time_eval():  # computed now, also when asked for in a trace
+    with jax.ensure_compile_time_eval():
         table = jax.jit(jax.vmap(row))(jnp.arange(max(steps, 1), dtype=jnp.int32))
         out = np.asarray(table, np.float32)
     out.flags.writeable = False
     return out
+
+
+def coefficient_table(rates: Any, b1: float, b2: float) -> Any:
+    """`[steps, 3]` float32: row `t` the `[lr, bc1, bc2]` of step `t` (the fused kernel reads
+    row `count`): the given per-step rates and Adam's bias corrections. A traced `rates`
+    gives a traced table (one small fusion in the step)."""
+    bc = _bias_corrections(b1, b2, int(np.shape(rates)[0]))
+    if isinstance(rates, jax.core.Tracer):
+        return jnp.concatenate([jnp.asarray(rates, jnp.float32)[:, None], bc], axis=1)
+    return np.concatenate([np.asarray(rates, np.float32)[:, None], bc], axis=1)
 
 
 class FusedState(NamedTuple):
@@ -120,7 +178,7 @@ class FusedState(NamedTuple):
 class _Fused(NamedTuple):
     """The hyperparameters of a fused optimizer, and its coefficient table."""
 
-    table: np.ndarray
+    table: Any
     b1: float
     b2: float
     eps: float
@@ -158,10 +216,21 @@ class _Fused(NamedTuple):
         return self.step(grads, state, params, apply=False)
 
 
+def _rates(learning_rate: Any, steps: int) -> Any:
+    """Per-step rates of a float, an optax schedule or a `[steps]` array."""
+    if callable(learning_rate) or np.ndim(learning_rate) == 0:
+        return learning_rates(learning_rate, steps)
+    if np.shape(learning_rate) != (steps,):
+        raise ValueError(
+            f"`learning_rate` of shape {np.shape(learning_rate)}, expected ({steps},)"
+        )
+    return learning_rate
+
+
 # NOTE: through optax, XLA:CPU compiles each parameter array's update as kernels of its
 # own, most of a MobileNet train step's kernels; the fused update is one native call.
 def fused_adamw(
-    learning_rate: optax.ScalarOrSchedule,
+    learning_rate: Any,
     *,
     steps: int,
     b1: float = ADAM_B1,
@@ -174,19 +243,19 @@ def fused_adamw(
     call per step (CPU, float32): the same float32 operations in the same order.
 
     Args:
-      learning_rate: a float or an optax schedule.
-      steps: how many steps the schedule is tabulated for; a later step fails the call
-        with an error that says so.
+      learning_rate: a float, an optax schedule, or the rate of each step (`[steps]`).
+      steps: how many steps the rates are tabulated for; a later step fails the call with
+        an error that says so.
       b1, b2, eps, weight_decay: as optax's `adamw`.
       mask: `params -> pytree of bools`, where weight decay applies.
     """
-    table = coefficient_table(learning_rate, steps, b1, b2)
+    table = coefficient_table(_rates(learning_rate, steps), b1, b2)
     fused = _Fused(table, b1, b2, eps, weight_decay, mask, 2)
     return optax.GradientTransformation(fused.init, fused.update)
 
 
 def fused_sgd(
-    learning_rate: optax.ScalarOrSchedule,
+    learning_rate: Any,
     *,
     steps: int,
     momentum: float = SGD_MOMENTUM,
@@ -195,7 +264,7 @@ def fused_sgd(
 ) -> optax.GradientTransformation:
     """`optax.chain(optax.add_decayed_weights(weight_decay, mask), optax.sgd(learning_rate,
     momentum, nesterov=True))` as one native call per step (CPU, float32)."""
-    table = coefficient_table(learning_rate, steps, momentum, 0.0)
+    table = coefficient_table(_rates(learning_rate, steps), momentum, 0.0)
     fused = _Fused(table, momentum, 0.0, 0.0, weight_decay, mask, 1)
     return optax.GradientTransformation(fused.init, fused.update)
 

@@ -34,13 +34,17 @@ if TYPE_CHECKING:
     from mobisearch.space import TrainConfig
 
 __all__ = [
+    "Segment",
     "TrainResult",
+    "TrainState",
     "batch_indices",
     "evaluate",
     "fresh_split",
     "prepare_images",
     "prepare_recipe",
+    "start_training",
     "train_and_evaluate",
+    "train_steps",
 ]
 
 # How often (in steps) the host reads the loss back to check for divergence: reading it
@@ -80,10 +84,12 @@ class TrainResult:
 
 
 def prepare_recipe(cfg: TrainConfig, backend: str | None = None) -> None:
-    """Once per search, before the first candidate: build the recipe's optimizer (for the
-    native backend its coefficient table, a small program of its own), so that the first
-    candidate's compile does not pay for it."""
-    optim.make_optimizer(cfg, backend=backend or ops.default_backend())
+    """Once per search, before the first candidate: compute the recipe's learning rates and
+    the optimizer's tables (small programs of their own), so that the first candidate's
+    compile does not pay for them."""
+    backend = backend or ops.default_backend()
+    optim.recipe_rates(cfg)
+    optim.make_optimizer(cfg, backend=backend)
 
 
 def fresh_split(
@@ -177,6 +183,114 @@ def _cached_call(fn: Any, *args: Any) -> tuple[Any, float]:
     return value, value.compile_s if fn.cache_info().misses > before else 0.0
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Where a training run is: the model's `(params, rest)`, the optimizer's state, and
+    the steps taken (the next step's index into the run's batch order and rates)."""
+
+    params: Any
+    rest: Any
+    opt_state: Any
+    step: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """The outcome of `train_steps`: the state reached, the losses of the steps, and
+    `status` `"ok"` or `"diverged"` with its `reason`."""
+
+    state: TrainState
+    losses: tuple[float, ...]
+    status: str = "ok"
+    reason: str = ""
+    train_s: float = 0.0
+    compile_s: float = 0.0
+
+
+def start_training(
+    arch: ArchSpec, cfg: TrainConfig, *, seed: int, backend: str | None = None
+) -> TrainState:
+    """A fresh run of `arch` with the recipe `cfg`: the initial weights of `seed`, the
+    optimizer's zero state, step 0."""
+    backend = backend or ops.default_backend()
+    _, params, rest = fresh_split(arch, backend, training=True, seed=seed)
+    tx = optim.make_optimizer(cfg, backend=backend)
+    return TrainState(params, rest, optim.init_optimizer(tx, params), 0)
+
+
+def _batch_order(seed: int, n: int, batch: int, steps: int) -> np.ndarray:
+    return batch_indices(np.random.default_rng(seed), n, batch, steps)
+
+
+def train_steps(
+    arch: ArchSpec,
+    cfg: TrainConfig,
+    data: Dataset,
+    state: TrainState,
+    *,
+    stop: int,
+    rates: np.ndarray | None = None,
+    seed: int,
+    backend: str | None = None,
+    stats: tuple[Any, Any] | None = None,
+) -> Segment:
+    """Train from `state.step` up to step `stop` (exclusive) of the run of `seed`.
+
+    The batch order is that of the whole run (`batch_indices` of `seed`, `cfg.steps`
+    long), so a run trained in segments takes the same batches as in one go; `rates` is
+    the learning rate of each of the run's `cfg.steps` steps (default: the recipe's own
+    schedule), so segments can follow different schedules (a decay branch) on one compiled
+    step. The state passed in is consumed (its buffers are donated to the step).
+
+    Raises:
+      ValueError: if `stop` is not in `(state.step, cfg.steps]` or `rates` has the wrong
+        shape.
+    """
+    backend = backend or ops.default_backend()
+    if not state.step < stop <= cfg.steps:
+        raise ValueError(f"`stop` (={stop}) must be in ({state.step}, {cfg.steps}]")
+    rates = optim.recipe_rates(cfg) if rates is None else np.asarray(rates, np.float32)
+    if rates.shape != (cfg.steps,):
+        raise ValueError(f"`rates` of shape {rates.shape}, expected ({cfg.steps},)")
+    if stats is None:
+        stats = image_mean_std(data.x_train)
+    x_train = prepare_images(data.x_train, arch.resolution, stats)
+    train, compile_s = _cached_call(compile_.compile_train, arch, cfg, backend, len(x_train))
+    x_dev, y_dev = _on_device(x_train, data.y_train)
+    order = _batch_order(seed, len(x_train), cfg.batch_size, cfg.steps)
+    rates_dev = jax.device_put(rates)
+    params, rest, opt_state = state.params, state.rest, state.opt_state
+    t0 = time.perf_counter()
+    losses: list[jax.Array] = []
+    status, reason = "ok", ""
+    with keep_freed_memory():
+        for step in range(state.step, stop):
+            params, rest, opt_state, loss = train.step(
+                params, rest, opt_state, x_dev, y_dev, order[step], rates_dev
+            )
+            losses.append(loss)
+            if (step + 1) % _CHECK_EVERY == 0 or step + 1 == stop:
+                last = float(loss)
+                if not math.isfinite(last):
+                    status, reason = "diverged", f"loss became {last} at step {step + 1}"
+                    break
+    curve = tuple(float(v) for v in jax.device_get(losses))
+    new = TrainState(params, rest, opt_state, state.step + len(curve))
+    return Segment(new, curve, status, reason, time.perf_counter() - t0, compile_s)
+
+
+# The training split on the device, by source array: candidates of one resolution share it.
+_ON_DEVICE: dict[str, tuple[np.ndarray, Any, Any]] = {}
+
+
+def _on_device(x: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:
+    hit = _ON_DEVICE.get("train")
+    if hit is not None and hit[0] is x:
+        return hit[1], hit[2]
+    _ON_DEVICE["train"] = (x, jax.device_put(x), jax.device_put(y.astype(np.int32)))
+    return _ON_DEVICE["train"][1], _ON_DEVICE["train"][2]
+
+
 def train_and_evaluate(
     arch: ArchSpec,
     cfg: TrainConfig,
@@ -203,66 +317,50 @@ def train_and_evaluate(
     backend = backend or ops.default_backend()
     if stats is None:
         stats = image_mean_std(data.x_train)
-    x_train = prepare_images(data.x_train, arch.resolution, stats)
     x_val = prepare_images(data.x_val, arch.resolution, stats)
+    prepare_images(data.x_train, arch.resolution, stats)
     t0 = time.perf_counter()
     eval_batch = min(cfg.eval_batch_size, len(x_val))
     eval_job = compile_.submit_compile(
         _cached_call, compile_.compile_forward, arch, backend, eval_batch
     )
-    train, compile_train_s = _cached_call(compile_.compile_train, arch, cfg, backend, len(x_train))
+    _, compile_train_s = _cached_call(
+        compile_.compile_train, arch, cfg, backend, len(data.x_train)
+    )
     ev, compile_eval_s = eval_job.result()
     # Wall time of the two compiles together (0.0 when both were cached); it includes any
     # `precompile_forward` queued before the eval forward.
     compile_s = time.perf_counter() - t0 if compile_train_s or compile_eval_s else 0.0
 
-    _, params, rest = fresh_split(arch, backend, training=True, seed=seed)
-    opt_state = optim.init_optimizer(train.tx, params)
-    rng = np.random.default_rng(seed)
-    x_dev = jax.device_put(x_train)
-    y_dev = jax.device_put(data.y_train.astype(np.int32))
-    order = batch_indices(rng, len(x_train), cfg.batch_size, cfg.steps)
-
-    t0 = time.perf_counter()
-    losses: list[jax.Array] = []
-    status, reason = "ok", ""
-    with keep_freed_memory():
-        for step in range(cfg.steps):
-            params, rest, opt_state, loss = train.step(
-                params, rest, opt_state, x_dev, y_dev, order[step]
-            )
-            losses.append(loss)
-            if (step + 1) % _CHECK_EVERY == 0 or step + 1 == cfg.steps:
-                last = float(loss)
-                if not math.isfinite(last):
-                    status, reason = "diverged", f"loss became {last} at step {step + 1}"
-                    break
-    curve = tuple(float(v) for v in jax.device_get(losses))
-    train_s = time.perf_counter() - t0
-    if status != "ok":
+    state = start_training(arch, cfg, seed=seed, backend=backend)
+    run = train_steps(
+        arch, cfg, data, state, stop=cfg.steps, seed=seed, backend=backend, stats=stats
+    )
+    if run.status != "ok":
         return TrainResult(
-            status=status,
-            reason=reason,
+            status=run.status,
+            reason=run.reason,
             val_accuracy=math.nan,
             val_loss=math.nan,
-            loss_curve=curve,
-            steps=len(curve),
+            loss_curve=run.losses,
+            steps=len(run.losses),
             compile_s=compile_s,
-            train_s=train_s,
+            train_s=run.train_s,
             eval_s=0.0,
         )
     t0 = time.perf_counter()
-    acc, val_loss = _evaluate(ev, eval_batch, (params, rest), x_val, data.y_val)
+    state_out = (run.state.params, run.state.rest)
+    acc, val_loss = _evaluate(ev, eval_batch, state_out, x_val, data.y_val)
     return TrainResult(
         status="ok",
         val_accuracy=acc,
         val_loss=val_loss,
-        loss_curve=curve,
-        steps=len(curve),
+        loss_curve=run.losses,
+        steps=len(run.losses),
         compile_s=compile_s,
-        train_s=train_s,
+        train_s=run.train_s,
         eval_s=time.perf_counter() - t0,
-        state=(params, rest),
+        state=state_out,
     )
 
 

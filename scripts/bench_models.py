@@ -88,7 +88,7 @@ from mobisearch.arch import ArchSpec, LayerSpec
 from mobisearch.compile import compile_forward, compile_train
 from mobisearch.cost import count_cost
 from mobisearch.latency import device_fingerprint
-from mobisearch.optim import init_optimizer
+from mobisearch.optim import init_optimizer, recipe_rates
 from mobisearch.presets import mobilenet_v1, mobilenet_v1_small
 from mobisearch.runtime import inline_cpu_dispatch, keep_freed_memory
 from mobisearch.space import TrainConfig
@@ -287,10 +287,11 @@ def mobisearch_runner(case: Case, backend: str | None = None) -> Runner:
     _, params, rest = fresh_split(case.arch, backend, training=True)
     state = [params, rest, init_optimizer(train.tx, params)]
     idx = jnp.arange(case.batch, dtype=jnp.int32)
+    rates = recipe_rates(cfg)
 
     def step() -> Any:
         # The step donates its state arguments: keep only the new ones.
-        params, rest, opt_state, loss = train.step(*state, x, y, idx)
+        params, rest, opt_state, loss = train.step(*state, x, y, idx, rates)
         state[:] = [params, rest, opt_state]
         return jax.block_until_ready((state, loss))
 

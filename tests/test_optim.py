@@ -98,28 +98,36 @@ def test_fused_optimizer_composes_with_optax_chain() -> None:
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_coefficient_table_is_the_schedule_computed_in_a_step() -> None:
-    """Row t of the table is bit for bit what optax computes inside step t: the schedule's
-    learning rate and Adam's bias corrections."""
+def test_learning_rates_are_the_schedule_computed_in_a_step() -> None:
+    """Rate t is bit for bit what optax's schedule computes inside step t; the fused
+    optimizer's table adds Adam's bias corrections of step t."""
     cfg = dataclasses.replace(CFG, steps=30, warmup_steps=5)
     schedule = optim.make_schedule(cfg)
     assert callable(schedule)
-    table = optim.coefficient_table(schedule, cfg.steps, optim.ADAM_B1, optim.ADAM_B2)
-    assert table.shape == (30, 3) and table.dtype == np.float32
+    rates = optim.learning_rates(schedule, cfg.steps)
+    assert rates.shape == (30,) and rates.dtype == np.float32
+    table = optim.coefficient_table(rates, optim.ADAM_B1, optim.ADAM_B2)
     one = jax.jit(lambda t: jnp.stack([schedule(t), 1 - optim.ADAM_B1 ** (t + 1)]))
     for t in (0, 4, 5, 17, 29):
         assert np.array_equal(table[t, :2], np.asarray(one(np.int32(t)), np.float32)), t
-    assert table[0, 0] == 0.0 and table[5, 0] == np.float32(cfg.learning_rate)
+    assert rates[0] == 0.0 and rates[5] == np.float32(cfg.learning_rate)
 
 
-@needs_native
-def test_prepare_recipe_builds_the_optimizer_once() -> None:
-    """A search builds the recipe's optimizer (with its table) before the first candidate;
-    the candidates' train steps reuse it."""
+def test_wsd_decays_to_zero_at_the_scored_step() -> None:
+    cfg = dataclasses.replace(CFG, steps=20, warmup_steps=4, schedule="wsd", decay_fraction=0.25)
+    rates = optim.recipe_rates(cfg)
+    peak = np.float32(cfg.learning_rate)
+    assert rates[0] == 0 and np.all(rates[4:15] == peak)  # warmup, then stable
+    assert np.all(np.diff(rates[15:]) < 0) and rates[-1] == peak / 5  # linear to 0 at step 20
+
+
+def test_prepare_recipe_computes_the_rates_once() -> None:
+    """A search computes the recipe's rates before its first candidate; the candidates'
+    train steps reuse them."""
     cfg = dataclasses.replace(CFG, steps=13)
-    optim.make_optimizer.cache_clear()
+    optim.recipe_rates.cache_clear()
     train.prepare_recipe(cfg, "native")
-    assert optim.make_optimizer.cache_info().currsize == 1
-    hits = optim.make_optimizer.cache_info().hits
+    assert optim.recipe_rates.cache_info().currsize == 1
+    misses = optim.recipe_rates.cache_info().misses
     compile_.compile_train(small_arch(0.5, resolution=12), cfg, "native", 64)
-    assert optim.make_optimizer.cache_info().hits == hits + 1
+    assert optim.recipe_rates.cache_info().misses == misses

@@ -25,11 +25,12 @@ _, params, rest = train.fresh_split(arch, "xla", training=True)
 state = (params, rest, optim.init_optimizer(compiled.tx, params))
 x, y = jnp.zeros((128, 28, 28, 1)), jnp.zeros(128, jnp.int32)
 idx = jnp.arange(128, dtype=jnp.int32)
+rates = optim.recipe_rates(cfg)
 
 def steps(n):
     global state
     for _ in range(n):
-        *new, loss = compiled.step(*state, x, y, idx)
+        *new, loss = compiled.step(*state, x, y, idx, rates)
         state = tuple(new)
     jax.block_until_ready(loss)
 
