@@ -19,8 +19,10 @@ from mobisearch._toml import SpaceError, check_keys, did_you_mean, fail, fmt, is
 from mobisearch.arch import ArchSpec, BlockSpec, round_channels
 from mobisearch.stages import check_stages, parse_stages
 
-SECTIONS: tuple[str, ...] = ("space", "axes", "arch", "data", "train", "latency")
-CONFIG_SECTIONS: tuple[str, ...] = ("data", "train", "latency")
+SECTIONS: tuple[str, ...] = (
+    "space", "axes", "arch", "data", "train", "latency", "fidelity", "search",
+)  # fmt: skip
+CONFIG_SECTIONS: tuple[str, ...] = ("data", "train", "latency", "fidelity", "search")
 SPACE_KEYS: tuple[str, ...] = ("name", "description")
 GRID_KEYS: tuple[str, ...] = ("width", "resolution", "kernel")
 STAGE_AXES_KEYS: tuple[str, ...] = ("resolution", "stem_ch", "stem_width", "stages")

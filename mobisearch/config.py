@@ -24,7 +24,9 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
     "DataConfig",
+    "FidelityConfig",
     "LatencyConfig",
+    "SearchConfig",
     "SpaceError",
     "TrainConfig",
     "build_config",
@@ -33,12 +35,16 @@ __all__ = [
 ]
 
 Dataset = Literal["fashion_mnist", "mnist", "synthetic"]
+Promotion = Literal["continue", "restart"]
+Sampler = Literal["nsga2", "tpe", "random"]
 Optimizer = Literal["adamw", "sgd"]
 Schedule = Literal["warmup_cosine", "constant", "wsd"]
 
 DATASETS: tuple[str, ...] = get_args(Dataset)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
+PROMOTIONS: tuple[str, ...] = get_args(Promotion)
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
 
 # NOTE: facts about the packaged datasets, repeated here (this module may not import the
 # numpy-based `mobisearch.data`) so that a bad split fails when the file is read rather
@@ -55,7 +61,7 @@ _MAX_SEED = 2**32 - 1
 class _Rule:
     """How one config field is checked: its type and range, and the words for both."""
 
-    kind: Literal["int", "float", "choice"]
+    kind: Literal["int", "float", "choice", "increasing"]
     lo: float | None = None
     hi: float | None = None
     lo_open: bool = False
@@ -69,6 +75,14 @@ class _Rule:
             return self.optional
         if self.kind == "choice":
             return isinstance(value, str) and value in self.choices
+        if self.kind == "increasing":  # a non-empty, strictly increasing list of numbers
+            item = dataclasses.replace(self, kind="float")
+            return (
+                isinstance(value, list | tuple)
+                and len(value) > 0
+                and all(item.accepts(v) for v in value)
+                and all(a < b for a, b in zip(value, value[1:], strict=False))
+            )
         if isinstance(value, bool) or not isinstance(value, int | float):
             return False
         if self.kind == "int" and not isinstance(value, int):
@@ -82,6 +96,9 @@ class _Rule:
     def expected(self, name: str) -> str:
         if self.kind == "choice":
             text = f"one of {toml_repr(list(self.choices))}"
+        elif self.kind == "increasing":
+            each = dataclasses.replace(self, kind="float", note="").expected(name)
+            text = f"a non-empty, strictly increasing list, each {each.removeprefix('a ')}"
         else:
             noun = "an integer" if self.kind == "int" else "a number"
             lo_op = "<" if self.lo_open else "<="
@@ -278,10 +295,89 @@ class LatencyConfig:
         _check_fields(self, _LATENCY_RULES)
 
 
+_FIDELITY_RULES: dict[str, _Rule] = {
+    "rungs": _Rule("increasing", lo=0, lo_open=True, hi=1000),
+    "eta": _Rule("int", lo=2),
+    "promotion": _Rule("choice", choices=PROMOTIONS),
+    "noise_candidates": _Rule("int", lo=0),
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class FidelityConfig:
+    """Multi-fidelity ranking: successive halving over rungs of training.
+
+    Every candidate is trained to the first rung and scored; at each rung the best `1/eta`
+    (by non-dominated sorting of validation accuracy and latency, then crowding distance;
+    `mobisearch.pareto.rank_points`) go on to the next.
+
+    Attributes:
+      rungs: epochs of training at which candidates are scored, strictly increasing, e.g.
+        `[0.33, 1, 3]`; the score at each rung is taken after a decay branch of the
+        learning rate (the recipe's `decay_fraction` of the rung's steps).
+      eta: the reduction factor: `ceil(n / eta)` of a rung's `n` candidates are promoted.
+      promotion: `"continue"` trains a promoted candidate on from its stable-phase
+        checkpoint; `"restart"` trains it again from scratch to the next rung.
+      noise_candidates: how many first-rung candidates are trained again with another
+        seed, to measure the score's seed-to-seed spread.
+
+    Raises:
+      ValueError: naming the field, the bad value and what was expected.
+
+    Examples:
+      >>> FidelityConfig(rungs=[0.33, 1, 3]).rungs
+      (0.33, 1.0, 3.0)
+    """
+
+    rungs: tuple[float, ...]
+    eta: int = 3
+    promotion: Promotion = "continue"
+    noise_candidates: int = 3
+
+    def __post_init__(self) -> None:
+        _check_fields(self, _FIDELITY_RULES)
+        object.__setattr__(self, "rungs", tuple(float(r) for r in self.rungs))
+
+
+_SEARCH_RULES: dict[str, _Rule] = {
+    "sampler": _Rule("choice", choices=SAMPLERS),
+    "population": _Rule("int", lo=2),
+    "trials": _Rule("int", lo=1),
+    "seed": _Rule("int", lo=0, hi=_MAX_SEED),
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SearchConfig:
+    """How candidates of a space too large to enumerate are drawn (grid spaces are
+    searched exhaustively, in order).
+
+    Attributes:
+      sampler: optuna's `"nsga2"` (multi-objective genetic search, the default), `"tpe"`
+        (multi-objective TPE) or `"random"`.
+      population: NSGA-II's population size (candidates per generation).
+      trials: candidates trained at the first rung, unless `--trials` says otherwise.
+      seed: the sampler's seed.
+
+    Raises:
+      ValueError: naming the field, the bad value and what was expected.
+    """
+
+    sampler: Sampler = "nsga2"
+    population: int = 12
+    trials: int = 36
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_fields(self, _SEARCH_RULES)
+
+
 _CONFIGS: dict[str, tuple[type[Any], Mapping[str, _Rule]]] = {
     "data": (DataConfig, _DATA_RULES),
     "train": (TrainConfig, _TRAIN_RULES),
     "latency": (LatencyConfig, _LATENCY_RULES),
+    "fidelity": (FidelityConfig, _FIDELITY_RULES),
+    "search": (SearchConfig, _SEARCH_RULES),
 }
 
 

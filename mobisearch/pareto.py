@@ -230,3 +230,75 @@ def dominates(a: npt.ArrayLike, b: npt.ArrayLike, directions: Sequence[Direction
     la = _to_loss(pa, directions)
     lb = _to_loss(pb, directions)
     return bool(np.all(la <= lb) and np.any(la < lb))
+
+
+def nondominated_fronts(
+    values: npt.ArrayLike, directions: Sequence[Direction]
+) -> list[np.ndarray]:
+    """Non-dominated sorting: the indices of front 0 (the Pareto front), front 1 (the front
+    once front 0 is removed), and so on, each sorted ascending. NaN rows come last, in a
+    front of their own.
+
+    Examples:
+      >>> v = np.array([[0.9, 5.0], [0.8, 3.0], [0.7, 4.0], [0.6, 6.0]])
+      >>> [f.tolist() for f in nondominated_fronts(v, ["maximize", "minimize"])]
+      [[0, 1], [2], [3]]
+    """
+    v = _as_float_array("values", values)
+    _check_directions(directions, v.shape[1])
+    left = np.arange(len(v))
+    nan = np.isnan(v).any(axis=1)
+    fronts = []
+    remaining = left[~nan]
+    while remaining.size:
+        mask = pareto_mask(v[remaining], directions)
+        fronts.append(remaining[mask])
+        remaining = remaining[~mask]
+    if nan.any():
+        fronts.append(left[nan])
+    return fronts
+
+
+def crowding_distance(values: npt.ArrayLike) -> np.ndarray:
+    """NSGA-II's crowding distance of each point of one front: per objective, the gap
+    between its two neighbours in that objective's order, over the objective's range,
+    summed; the extremes of every objective get infinity (they are kept first).
+
+    Examples:
+      >>> crowding_distance(np.array([[1.0, 4.0], [2.0, 3.0], [3.0, 1.0]])).tolist()
+      [inf, 2.0, inf]
+    """
+    v = _as_float_array("values", values)
+    n = len(v)
+    distance = np.zeros(n)
+    if n <= 2:
+        return np.full(n, np.inf)
+    for col in v.T:
+        order = np.argsort(col, kind="stable")
+        span = col[order[-1]] - col[order[0]]
+        distance[order[0]] = distance[order[-1]] = np.inf
+        if span > 0:
+            distance[order[1:-1]] += (col[order[2:]] - col[order[:-2]]) / span
+    return distance
+
+
+def rank_points(values: npt.ArrayLike, directions: Sequence[Direction]) -> np.ndarray:
+    """All points ordered best first: by non-dominated front, then inside a front by
+    crowding distance (largest first: the front's extremes and its sparse regions), then
+    by index (a stable, documented tie-break). The first `k` are what successive halving
+    promotes.
+
+    Examples:
+      >>> v = np.array([[0.9, 5.0], [0.8, 3.0], [0.85, 4.0], [0.6, 6.0]])
+      >>> rank_points(v, ["maximize", "minimize"]).tolist()
+      [0, 1, 2, 3]
+    """
+    v = _as_float_array("values", values)
+    out = []
+    for front in nondominated_fronts(v, directions):
+        if np.isnan(v[front]).any():
+            out.extend(front.tolist())
+            continue
+        dist = crowding_distance(v[front])
+        out.extend(front[np.lexsort((front, -dist))].tolist())
+    return np.asarray(out, dtype=np.intp)

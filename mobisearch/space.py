@@ -124,7 +124,9 @@ from mobisearch.candidates import GridPlan, StagePlan
 from mobisearch.config import (
     DATASETS,
     DataConfig,
+    FidelityConfig,
     LatencyConfig,
+    SearchConfig,
     TrainConfig,
     build_config,
     check_recipe,
@@ -136,7 +138,9 @@ __all__ = [
     "DEFAULT_SPACE",
     "MAX_LISTED",
     "DataConfig",
+    "FidelityConfig",
     "LatencyConfig",
+    "SearchConfig",
     "SearchSpace",
     "SpaceError",
     "StageAxes",
@@ -175,6 +179,9 @@ class SearchSpace:
       data: the dataset, or None for a cost-only space.
       train: the short-training recipe; given exactly when `data` is.
       latency: how latency is measured.
+      fidelity: multi-fidelity ranking (successive halving over rungs), or None to train
+        every candidate once with `train`.
+      search: how candidates are drawn from a space too large to enumerate.
       description: free text from the file.
 
     Lists given for the axes are stored as tuples, and integer widths as floats.
@@ -194,6 +201,8 @@ class SearchSpace:
     data: DataConfig | None = None
     train: TrainConfig | None = None
     latency: LatencyConfig = dataclasses.field(default_factory=LatencyConfig)
+    fidelity: FidelityConfig | None = None
+    search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
     description: str = ""
     # The candidate set, built once from the checked fields.
     _plan: GridPlan | StagePlan = dataclasses.field(init=False, repr=False, compare=False)
@@ -484,6 +493,8 @@ class SearchSpace:
             data=configs.get("data"),
             train=configs.get("train"),
             latency=configs.get("latency", LatencyConfig()),
+            fidelity=configs.get("fidelity"),
+            search=configs.get("search", SearchConfig()),
             **axes,
         )
 
