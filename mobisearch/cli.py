@@ -14,9 +14,11 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from mobisearch import workers
 from mobisearch.arch import ArchSpec
 from mobisearch.cost import Cost, cost_record, count_cost, format_count, parse_count
 from mobisearch.presets import mobilenet_v1
+from mobisearch.workers import DEFAULT_HEARTBEAT_S, GRACE_BEATS
 
 if TYPE_CHECKING:
     import optuna
@@ -41,6 +43,16 @@ def _count(text: str) -> int:
         return parse_count(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1")
+    return value
 
 
 def _layer_table(arch: ArchSpec, cost: Cost) -> str:
@@ -130,7 +142,9 @@ def _out_dir(args: argparse.Namespace, space: SearchSpace) -> pathlib.Path:
 
 
 def _storage(args: argparse.Namespace, space: SearchSpace) -> str:
-    return args.storage or f"sqlite:///{_out_dir(args, space) / 'study.db'}"
+    url = args.storage or f"sqlite:///{_out_dir(args, space) / 'study.db'}"
+    args.storage_url = url  # named by storage errors (see `main`)
+    return str(url)
 
 
 def _load_data(space: SearchSpace, data_dir: str | None) -> Dataset:
@@ -153,7 +167,7 @@ def _load_data(space: SearchSpace, data_dir: str | None) -> Dataset:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """`mobisearch search`: filter by budget, rank the survivors, write the frontier."""
-    from mobisearch import search
+    from mobisearch import search, workers
 
     space = _load_space(args)
     plan = search.plan_search(space, max_macs=args.budget, max_params=args.max_params)
@@ -162,12 +176,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     for arch, _, why in plan.dropped:
         print(f"  dropped {arch.display_id}: {why}")
     out_dir = _out_dir(args, space)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not args.storage:  # the default storage lives in it
+        out_dir.mkdir(parents=True, exist_ok=True)
     storage = _storage(args, space)
     name = args.study_name or search.default_study_name(space, args.budget, args.max_params)
     latency_batch = args.latency_batch or space.latency.batch_size
     extra = {"latency_batch": latency_batch, "backend": args.backend}
-    study = search.open_or_create_study(storage, name, search.recipe_fingerprint(space, extra))
+    fingerprint = search.study_fingerprint(space, extra)
+    opened = workers.open_storage(storage, heartbeat_s=args.heartbeat_s)
+    study = search.open_or_create_study(opened, name, fingerprint)
     for key, value in {
         "space": space.name,
         "space_path": space.path,
@@ -176,7 +193,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         "dataset": data.name,
     }.items():
         study.set_user_attr(key, value)
-    print(f"study {name!r} in {storage}")
+    print(f"study {name!r} in {workers.storage_url(storage)} (worker {workers.worker_id()})")
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     from mobisearch.compile import enable_compilation_cache
     from mobisearch.rank import Ranker
@@ -195,33 +213,100 @@ def cmd_search(args: argparse.Namespace) -> int:
     )
     prepare_process()
     with _Progress(enabled=not args.quiet) as progress:
-        search.run_search(study, plan, ranker, on_start=progress.start, on_done=progress.done)
+        search.run_search(
+            study,
+            plan,
+            _WithCheckpoint(ranker),
+            on_start=progress.start,
+            on_done=progress.done,
+            heartbeat_s=args.heartbeat_s,
+        )
     front = finish_search(study, ranker, out_dir)
     print(_frontier_table(front))
-    print(f"wrote {out_dir}/trials.csv, frontier.json, best.json, pareto.png")
-    return 0
+    print(f"wrote {out_dir}/trials.csv, failed_attempts.csv, frontier.json, best.json, pareto.png")
+    return _check_some_finished(study, plan)
+
+
+class _WithCheckpoint:
+    """The ranker, with where its checkpoint went in each trial (`checkpoint_host`)."""
+
+    def __init__(self, ranker: Any) -> None:
+        self.ranker = ranker
+
+    def __call__(self, arch: ArchSpec) -> dict[str, Any]:
+        import socket
+
+        metrics = dict(self.ranker(arch))
+        if metrics.get("status") == "ok":
+            metrics["checkpoint_host"] = socket.gethostname()
+            metrics["checkpoint"] = str(self.ranker.checkpoint_path(arch))
+        return metrics
+
+
+def _check_some_finished(study: optuna.Study, plan: Any) -> int:
+    """0 if a candidate of `plan` finished; else 1, with the failures in one line."""
+    from mobisearch import results, search
+
+    keys = {search.job_key(a) for a, _ in plan.kept}
+    mine = [
+        r
+        for r in results.candidate_records(results.trial_records(study))
+        if r.get("job_key") in keys
+    ]
+    if any(r["state"] == "COMPLETE" for r in mine):
+        return 0
+    first = next((r for r in mine if r.get("reason")), None)
+    detail = f"; {first['display_id']}: {first.get('status')}: {first['reason']}" if first else ""
+    print(
+        f"mobisearch search: error: no candidate finished ({len(mine)} of {len(keys)} "
+        f"failed){detail}",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def finish_search(study: optuna.Study, ranker: Any, out_dir: pathlib.Path) -> list[dict]:
-    """Evaluate the frontier once on the test split, then write the exports and the plot."""
+    """Evaluate the frontier on the test split, then write the exports and the plot.
+
+    A frontier member is evaluated by a machine that can read its checkpoint (the one that
+    trained it, or any machine sharing the out-dir); its accuracy is stored on the study,
+    so it is measured once. A member whose checkpoint is elsewhere is exported without a
+    test accuracy, naming `checkpoint_host`: rerunning the same `mobisearch search` there
+    adds it.
+    """
     from mobisearch import results
 
-    front = results.frontier(results.trial_records(study))
-    for r in front:
-        if "test_accuracy" not in r:
-            arch = ArchSpec.from_dict(r["arch"], source=f"trial {r['number']}")
-            r["test_accuracy"] = ranker.test_accuracy(arch)
-            results.record_test_accuracy(study, r["display_id"], r["test_accuracy"])
     records = results.trial_records(study)
-    results.write_trials_csv(records, out_dir / "trials.csv")
+    candidates = results.candidate_records(records)
+    front = results.frontier(candidates)
+    for r in front:
+        if "test_accuracy" in r:
+            continue
+        arch = ArchSpec.from_dict(r["arch"], source=f"trial {r['number']}")
+        if ranker.checkpoint_path(arch).exists():
+            r["test_accuracy"] = ranker.test_accuracy(arch)
+            results.record_test_accuracy(study, r, r["test_accuracy"])
+        else:
+            host = r.get("checkpoint_host") or str(r.get("worker", "?")).rpartition(":")[0]
+            print(
+                f"{r['display_id']}: no test accuracy yet; its checkpoint is on {host} "
+                "(rerun this search there to add it)"
+            )
+    by_key = {results.candidate_key(r): r for r in front}
+    candidates = [by_key.get(results.candidate_key(r), r) for r in candidates]
+    results.write_trials_csv(candidates, out_dir / "trials.csv")
+    results.write_failed_csv(records, out_dir / "failed_attempts.csv")
     results.write_frontier_json(front, out_dir / "frontier.json")
     if front:
-        results.export_best(results.best_record(records), out_dir / "best.json")
-    _plot(study, records, out_dir / "pareto.png")
+        results.export_best(results.best_record(candidates), out_dir / "best.json")
+    _plot(study, candidates, out_dir / "pareto.png")
     return front
 
 
 def _plot(study: optuna.Study, records: list[dict], path: pathlib.Path) -> pathlib.Path:
+    import os
+    import uuid
+
     from mobisearch.plotting import frontier_info, plot_frontier
 
     attrs = study.user_attrs
@@ -235,7 +320,14 @@ def _plot(study: optuna.Study, records: list[dict], path: pathlib.Path) -> pathl
     batch = next((r["latency_batch"] for r in records if "latency_batch" in r), 1)
     info = frontier_info(records, title=title)
     info = info._replace(xlabel=f"latency (ms, batch {batch}, median)")
-    plot_frontier(info, path=str(path))
+    # Drawn under a temporary name (ending .png: matplotlib picks the format from it), then
+    # renamed, so a kill never leaves a truncated image.
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}{path.suffix}")
+    try:
+        plot_frontier(info, path=str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -252,7 +344,7 @@ def _frontier_table(front: list[dict]) -> str:
     for r in front:
         rows.append(
             f"{r['display_id']:<22}{format_count(r['macs']):>12}{r['val_accuracy']:>9.4f}"
-            f"{r.get('test_accuracy', float('nan')):>9.4f}{r['latency_ms']:>12.3f}"
+            f"{r.get('test_accuracy') or float('nan'):>9.4f}{r['latency_ms']:>12.3f}"
         )
     return "\n".join(rows)
 
@@ -303,7 +395,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     study = results.load_study(_storage(args, space), args.study_name)
     path = pathlib.Path(args.output or _out_dir(args, space) / "pareto.png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    print(_plot(study, results.trial_records(study), path))
+    print(_plot(study, results.candidate_records(results.trial_records(study)), path))
     return 0
 
 
@@ -314,7 +406,7 @@ def cmd_best(args: argparse.Namespace) -> int:
     space = _load_space(args)
     study = results.load_study(_storage(args, space), args.study_name)
     record = results.best_record(
-        results.trial_records(study),
+        results.candidate_records(results.trial_records(study)),
         max_macs=args.max_macs,
         max_latency_ms=args.max_latency_ms,
         max_params=args.max_params,
@@ -410,7 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=_count, help="max MACs per candidate (e.g. 20M)")
     p.add_argument("--max-params", type=_count, help="max parameters per candidate")
     p.add_argument("--data-dir", help="folder with the dataset's IDX files")
-    p.add_argument("--latency-batch", type=int, help="batch size of the latency measurement")
+    p.add_argument(
+        "--latency-batch", type=_positive_int, help="batch size of the latency measurement"
+    )
     p.add_argument(
         "--backend",
         choices=("xla", "native"),
@@ -430,6 +524,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: $MOBISEARCH_CACHE_DIR or ~/.cache/mobisearch/jax)",
     )
     p.add_argument("--no-compile-cache", action="store_true", help="compile everything afresh")
+    p.add_argument(
+        "--heartbeat-s",
+        type=_positive_int,
+        default=DEFAULT_HEARTBEAT_S,
+        help="seconds between this worker's heartbeats; a worker silent for "
+        f"{GRACE_BEATS} beats is taken for dead and its candidate retried "
+        f"(default {DEFAULT_HEARTBEAT_S})",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_search)
 
@@ -450,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one config fully; report its test accuracy")
     p.add_argument("--config", required=True, help="best-config or architecture JSON file")
     p.add_argument("--space", help="space whose dataset and recipe to use")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=_positive_int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", help="folder with the dataset's IDX files")
     p.add_argument("--json", action="store_true")
@@ -473,9 +575,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         # message already names the file, key and value.
         print(f"mobisearch {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (optuna.exceptions.StorageInternalError, _sqlalchemy_error()) as e:
+        # A full disk, a read-only file, a lost database connection: one line, not the
+        # driver's traceback; the failed write was rolled back.
+        where = getattr(args, "storage_url", None) or "the study's storage"
+        reason = workers.error_reason(e)
+        print(f"mobisearch {args.command}: error: {where}: {reason}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"mobisearch {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _sqlalchemy_error() -> type[Exception]:
+    import sqlalchemy.exc
+
+    return sqlalchemy.exc.SQLAlchemyError
 
 
 if __name__ == "__main__":

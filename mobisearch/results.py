@@ -1,17 +1,24 @@
 """Reading a search back from its optuna study: records, frontier, best config, exports.
 
 A *record* is a plain dict per trial: `number`, `state` and the trial's user attributes
-(`display_id`, `arch`, `macs`, `params`, `val_accuracy`, `latency_ms`, ...). The frontier is
-the set of finished candidates that no other beats on both validation accuracy (maximize)
-and latency (minimize).
+(`display_id`, `arch`, `macs`, `params`, `val_accuracy`, `latency_ms`, ...). A candidate
+may have several attempts (trials); `candidate_records` keeps one per candidate, its
+COMPLETE attempt or else its latest. The frontier is the set of finished candidates that
+no other beats on both validation accuracy (maximize) and latency (minimize).
+
+Every export is written to a temporary file in its folder and renamed into place, so a
+reader (or a kill) never sees a half-written file.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
 import pathlib
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -49,62 +56,128 @@ CSV_COLUMNS = (
     "train_s",
     "steps",
     "seed",
+    "attempts",
+    "worker",
     "reason",
 )
+# Columns of the failed-attempts CSV: one row per FAIL trial, retried or not.
+FAILED_COLUMNS = ("number", "display_id", "attempt", "status", "reason", "worker")
 
 
-def list_studies(storage: str) -> list[str]:
-    """Names of the studies in an optuna storage."""
-    return [s.study_name for s in optuna.get_all_study_summaries(storage)]
+def list_studies(storage: str | optuna.storages.BaseStorage) -> list[str]:
+    """Names of the studies in an optuna storage (a URL is opened read-only).
+
+    Raises:
+      ValueError: naming the storage when it does not exist or holds no optuna tables.
+    """
+    import sqlalchemy.exc
+
+    from mobisearch.workers import open_storage, storage_url
+
+    if isinstance(storage, str):
+        storage = open_storage(storage, create=False)
+    try:
+        return [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    except sqlalchemy.exc.OperationalError as e:
+        raise ValueError(
+            f"{storage_url(storage)}: not an optuna study database ({str(e.orig).strip()})"
+        ) from None
 
 
-def load_study(storage: str, study_name: str | None = None) -> optuna.Study:
+def load_study(
+    storage: str | optuna.storages.BaseStorage, study_name: str | None = None
+) -> optuna.Study:
     """Open an existing study; without a name, the storage's only study.
+
+    A storage URL is opened read-only: a missing database is an error, not created.
 
     Raises:
       ValueError: naming the storage and the studies it holds, when the study is missing
-        or the name is ambiguous.
+        or the name is ambiguous, or when the storage does not exist.
     """
+    from mobisearch.workers import open_storage, storage_url
+
+    if isinstance(storage, str):
+        storage = open_storage(storage, create=False)
     names = list_studies(storage)
+    where = storage_url(storage)
     if study_name is None:
         if len(names) != 1:
             raise ValueError(
-                f"{storage} holds {len(names)} studies {names}; pass --study-name to pick one"
+                f"{where} holds {len(names)} studies {names}; pass --study-name to pick one"
             )
         study_name = names[0]
     if study_name not in names:
-        raise ValueError(f"{storage}: no study named {study_name!r}; it holds {names}")
+        raise ValueError(f"{where}: no study named {study_name!r}; it holds {names}")
     return optuna.load_study(study_name=study_name, storage=storage)
 
 
-# Study attribute holding `{display_id: accuracy}` on the test split for frontier members.
-# (A finished optuna trial cannot be changed, so it lives on the study.)
-TEST_ACCURACY_ATTR = "test_accuracy"
+# Study attributes `test_accuracy/<job key>`: a frontier member's accuracy on the test split.
+# (A finished optuna trial cannot be changed, so it lives on the study; one attribute per
+# candidate, so workers that record at once do not overwrite each other.)
+TEST_ACCURACY_PREFIX = "test_accuracy/"
+
+
+def candidate_key(record: Mapping[str, Any]) -> str:
+    """A record's candidate: its job key (its display id in studies from before job keys)."""
+    return str(record.get("job_key") or record.get("display_id"))
 
 
 def trial_records(study: optuna.Study) -> list[Record]:
-    """One record per candidate trial (COMPLETE or FAIL), in trial order.
+    """One record per finished attempt (COMPLETE or FAIL trial), in trial order.
 
-    Frontier members evaluated on the test split carry `test_accuracy`.
+    Frontier members evaluated on the test split carry `test_accuracy`. A trial failed by
+    optuna's heartbeat check (its worker died) has status `"interrupted"`.
     """
-    test = study.user_attrs.get(TEST_ACCURACY_ATTR, {})
+    attrs = study.user_attrs
+    test = {
+        k[len(TEST_ACCURACY_PREFIX) :]: v
+        for k, v in attrs.items()
+        if k.startswith(TEST_ACCURACY_PREFIX)
+    }
+    # Studies written before one attribute per candidate kept a dict by display id.
+    old = attrs.get("test_accuracy", {})
     records = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
         did = t.user_attrs.get("display_id")
         if did is None:
             continue
         record = {"number": t.number, "state": t.state.name, **t.user_attrs}
-        if t.state == TrialState.COMPLETE and did in test:
-            record["test_accuracy"] = test[did]
+        if t.state == TrialState.FAIL and "status" not in record:
+            record["status"] = "interrupted"
+            record["reason"] = "its worker stopped sending heartbeats"
+        key = candidate_key(record)
+        if t.state == TrialState.COMPLETE and (key in test or did in old):
+            record["test_accuracy"] = test[key] if key in test else old[did]
         records.append(record)
     return records
 
 
-def record_test_accuracy(study: optuna.Study, display_id: str, accuracy: float) -> None:
+def candidate_records(records: Sequence[Mapping[str, Any]]) -> list[Record]:
+    """One record per candidate: its COMPLETE attempt, else its latest; with `attempts`.
+
+    Ordered by the first trial of each candidate.
+    """
+    by_key: dict[str, list[Mapping[str, Any]]] = {}
+    for r in sorted(records, key=lambda r: r["number"]):
+        by_key.setdefault(candidate_key(r), []).append(r)
+    out = []
+    for attempts in by_key.values():
+        complete = [r for r in attempts if r.get("state") == "COMPLETE"]
+        chosen = dict(complete[0] if complete else attempts[-1])
+        chosen["attempts"] = len(attempts)
+        out.append(chosen)
+    return out
+
+
+def failed_attempts(records: Sequence[Mapping[str, Any]]) -> list[Record]:
+    """The FAIL records (retried or not), in trial order."""
+    return [dict(r) for r in records if r.get("state") == "FAIL"]
+
+
+def record_test_accuracy(study: optuna.Study, record: Mapping[str, Any], accuracy: float) -> None:
     """Store a frontier member's test-split accuracy on the study."""
-    test = dict(study.user_attrs.get(TEST_ACCURACY_ATTR, {}))
-    test[display_id] = accuracy
-    study.set_user_attr(TEST_ACCURACY_ATTR, test)
+    study.set_user_attr(TEST_ACCURACY_PREFIX + candidate_key(record), accuracy)
 
 
 def _ok(record: Mapping[str, Any]) -> bool:
@@ -165,13 +238,27 @@ def best_record(
     return max(fits, key=lambda r: (r["val_accuracy"], -r["latency_ms"], -r["macs"]))
 
 
-def export_best(record: Mapping[str, Any], path: str | pathlib.Path) -> pathlib.Path:
-    """Write a best-config JSON: `{"arch": ..., "metrics": ...}`; `load_best` reads it."""
+def write_atomic(path: str | pathlib.Path, data: str | bytes) -> pathlib.Path:
+    """Write `data` to a temporary file next to `path`, then rename it into place."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    metrics = {k: v for k, v in record.items() if k != "arch"}
-    path.write_text(json.dumps({"arch": record["arch"], "metrics": metrics}, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def export_best(record: Mapping[str, Any], path: str | pathlib.Path) -> pathlib.Path:
+    """Write a best-config JSON: `{"arch": ..., "metrics": ...}`; `load_best` reads it."""
+    metrics = {k: v for k, v in record.items() if k != "arch"}
+    text = json.dumps({"arch": record["arch"], "metrics": metrics}, indent=2) + "\n"
+    return write_atomic(path, text)
 
 
 def load_best(
@@ -200,7 +287,7 @@ def load_best(
     else:
         return read_arch_json(source)
     record = best_record(
-        trial_records(study),
+        candidate_records(trial_records(study)),
         max_macs=max_macs,
         max_latency_ms=max_latency_ms,
         max_params=max_params,
@@ -226,23 +313,29 @@ def read_arch_json(path: str | pathlib.Path) -> ArchSpec:
     return ArchSpec.from_dict(data, source=str(path))
 
 
+def _csv(records: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    f = io.StringIO(newline="")
+    writer = csv.writer(f)
+    writer.writerow(columns)
+    for r in records:
+        row = dict(r)
+        device = row.get("device")
+        if isinstance(device, Mapping):
+            row["device"] = device.get("device_kind", "")
+        writer.writerow(["" if row.get(c) is None else row.get(c) for c in columns])
+    return f.getvalue()
+
+
 def write_trials_csv(records: Sequence[Mapping[str, Any]], path: str | pathlib.Path) -> None:
-    """Write the records as CSV with `CSV_COLUMNS` (missing values left empty)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
-        for r in records:
-            row = dict(r)
-            device = row.get("device")
-            if isinstance(device, Mapping):
-                row["device"] = device.get("device_kind", "")
-            writer.writerow(["" if row.get(c) is None else row.get(c) for c in CSV_COLUMNS])
+    """Write the records (one per candidate) as CSV with `CSV_COLUMNS`, missing values empty."""
+    write_atomic(path, _csv(records, CSV_COLUMNS))
+
+
+def write_failed_csv(records: Sequence[Mapping[str, Any]], path: str | pathlib.Path) -> None:
+    """Write failed attempts as CSV with `FAILED_COLUMNS` (a header only when none failed)."""
+    write_atomic(path, _csv(failed_attempts(records), FAILED_COLUMNS))
 
 
 def write_frontier_json(records: Sequence[Mapping[str, Any]], path: str | pathlib.Path) -> None:
     """Write the frontier records (with their full `arch`) as a JSON list."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(list(records), indent=2, default=str) + "\n")
+    write_atomic(path, json.dumps(list(records), indent=2, default=str) + "\n")

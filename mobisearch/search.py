@@ -7,11 +7,19 @@ architecture, its display id, cost, metrics, device fingerprint, timings and see
 everything downstream (frontier, plot, best, export) reads the study back
 (`mobisearch.results`).
 
-Resuming: candidates are queued as WAITING trials (`Study.enqueue_trial`) and popped by
-`Study.ask`, so a second run (or a second machine on a shared storage) picks up what is
-left. A finished candidate (COMPLETE, or failed for a reason of its own such as a diverged
-loss) is never trained again. A trial left RUNNING by a process that died (Ctrl-C, kill) on
-this host is marked failed with status `"interrupted"` and its candidate is queued again.
+Each candidate is a *job* named by `job_key(arch)`; any number of workers (processes, on one
+machine or many) can run `run_search` on one study, and each job is trained exactly once:
+a worker claims a job before it creates its trial (`mobisearch.workers`). A finished
+candidate (COMPLETE, or failed for a reason of its own such as a diverged loss) is never
+trained again. A job whose worker died (Ctrl-C, kill, a lost machine) is failed with status
+`"interrupted"` and retried by the next worker that looks, live or rerun, on any host,
+once its claim has gone without a heartbeat for `GRACE_BEATS * heartbeat_s` seconds. A job
+that failed with an error is retried by workers started after the failure, not by those
+that saw it fail.
+
+A study remembers what its trials depend on (`study_fingerprint`: the space's
+architecture, axes, data, recipe and latency settings, and the versions of the libraries
+that compute them); a run with anything else is refused.
 
 This module imports optuna but not jax: the evaluator is injected, so the whole search can be
 tested with a cost-only fake in well under a second.
@@ -21,12 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.metadata
 import json
-import os
-import signal
-import socket
-import threading
-from collections.abc import Callable, Iterator, Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import optuna
@@ -35,11 +41,24 @@ from optuna.trial import TrialState
 from mobisearch.arch import ArchSpec
 from mobisearch.cost import Cost, cost_record, count_cost, format_count
 from mobisearch.space import SearchSpace
+from mobisearch.workers import (
+    DEFAULT_HEARTBEAT_S,
+    Claim,
+    Claims,
+    Heartbeat,
+    claims_for,
+    fail_stale_trials,
+    open_storage,
+    storage_url,
+    worker_id,
+)
 
 # Validation accuracy, latency.
 DIRECTIONS: tuple[Literal["maximize", "minimize"], ...] = ("maximize", "minimize")
 # Final statuses of a FAILED trial that mean "do not try this candidate again".
 FINAL_FAILURES = frozenset({"diverged"})
+# Libraries whose versions change a candidate's numbers (training, latency).
+NUMERIC_LIBRARIES = ("mobisearch", "jax", "jaxlib", "flax", "optax", "numpy")
 
 Evaluate = Callable[[ArchSpec], Mapping[str, Any]]
 
@@ -128,151 +147,230 @@ def default_study_name(space: SearchSpace, max_macs: int | None, max_params: int
     return "-".join(parts)
 
 
-def recipe_fingerprint(space: SearchSpace, extra: Mapping[str, Any] | None = None) -> str:
-    """JSON of what makes trials comparable (data, recipe, latency settings, ...)."""
+def job_key(arch: ArchSpec) -> str:
+    """The key of a candidate's job: `arch.arch_key()`, the canonical resolved network.
 
-    def asdict(x: Any) -> Any:
-        return None if x is None else dataclasses.asdict(x)
+    Two candidates share a key (and are trained once) exactly when they resolve to the
+    same layers, however they were proposed (grid, sampler) or named.
+    """
+    return arch.arch_key()
 
-    record = {
-        "data": asdict(space.data),
-        "train": asdict(space.train),
-        "latency": asdict(space.latency),
-        **(extra or {}),
-    }
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of `NUMERIC_LIBRARIES` (None when one is missing)."""
+    versions: dict[str, str | None] = {}
+    for name in NUMERIC_LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def study_fingerprint(space: SearchSpace, extra: Mapping[str, Any] | None = None) -> str:
+    """JSON of everything a candidate's result depends on; a study keeps the first.
+
+    It holds the space's `[arch]`, `[axes]`, `[data]`, `[train]` and `[latency]` tables (not
+    its name or description), `extra` (settings given on the command line) and
+    `library_versions()`.
+    """
+    doc = space.to_dict()
+    doc.pop("space", None)
+    record = {**doc, "settings": dict(extra or {}), "versions": library_versions()}
     return json.dumps(record, sort_keys=True)
 
 
+def _flatten(x: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(x, dict) and x:
+        out: dict[str, Any] = {}
+        for k, v in x.items():
+            out |= _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return {prefix: x}
+
+
+def fingerprint_difference(stored: str, now: str) -> str:
+    """`key: stored -> now` for the first differing keys of two fingerprints, one line."""
+    try:
+        a, b = _flatten(json.loads(stored)), _flatten(json.loads(now))
+    except json.JSONDecodeError:
+        return "an unreadable fingerprint"
+    diffs = [
+        f"{k} = {json.dumps(a.get(k))} there, {json.dumps(b.get(k))} now"
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k) != b.get(k)
+    ]
+    more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+    return "; ".join(diffs[:3]) + more
+
+
+FINGERPRINT_ATTR = "fingerprint"
+
+
 def open_or_create_study(
-    storage: str | optuna.storages.BaseStorage, study_name: str, recipe: str
+    storage: str | optuna.storages.BaseStorage,
+    study_name: str,
+    fingerprint: str,
+    *,
+    wait_s: float = 30.0,
 ) -> optuna.Study:
-    """Load or create the two-objective study; refuse one made with another recipe.
+    """Load or create the two-objective study; refuse one made with other settings.
+
+    The worker that creates the study (the storage makes its name unique) writes the
+    fingerprint; workers that start at the same moment wait up to `wait_s` for it. A URL
+    is opened with `mobisearch.workers.open_storage` (which also makes the claims table).
 
     Raises:
-      ValueError: if the study exists with a different recipe (its trials would not be
-        comparable); nothing in it is changed.
+      ValueError: one line naming the study and the first differing settings, if the
+        study was made with another fingerprint (its trials would not be comparable);
+        nothing in it is changed.
     """
-    study = optuna.create_study(
-        storage=storage,
-        study_name=study_name,
-        directions=list(DIRECTIONS),
-        load_if_exists=True,
-    )
-    stored = study.user_attrs.get("recipe")
-    if stored is None:
-        study.set_user_attr("recipe", recipe)
-    elif stored != recipe:
+    if isinstance(storage, str):
+        storage = open_storage(storage)
+    try:
+        study = optuna.create_study(
+            storage=storage, study_name=study_name, directions=list(DIRECTIONS)
+        )
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    else:
+        try:
+            study.set_user_attr(FINGERPRINT_ATTR, fingerprint)
+        except BaseException:
+            # A study without its fingerprint would make the next worker wait for it.
+            with contextlib.suppress(Exception):
+                optuna.delete_study(study_name=study_name, storage=storage)
+            raise
+    where = f"study {study_name!r} in {storage_url(storage)}"
+    deadline = time.monotonic() + wait_s
+    while (stored := study.user_attrs.get(FINGERPRINT_ATTR)) is None:
+        if "recipe" in study.user_attrs:
+            raise ValueError(
+                f"{where} was made by an older mobisearch that did not record its "
+                "architecture and axes; pass another --study-name to start a separate search"
+            )
+        if time.monotonic() > deadline:  # its creator died before writing it
+            study.set_user_attr(FINGERPRINT_ATTR, fingerprint)
+        else:
+            time.sleep(0.1)
+    if stored != fingerprint:
         raise ValueError(
-            f"study {study_name!r} in {storage} was made with another recipe:\n"
-            f"  stored: {stored}\n  now:    {recipe}\n"
-            "pass another --study-name (or --storage) to start a separate search"
+            f"{where} was made with other settings: {fingerprint_difference(stored, fingerprint)}"
+            "; pass another --study-name (or --storage) to start a separate search"
         )
     return study
 
 
-@contextlib.contextmanager
-def _deferred_sigint() -> Iterator[list[int]]:
-    """Hold Ctrl-C (SIGINT) off inside; the yielded list then holds it if one came."""
-    caught: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield caught
-        return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield caught
-    finally:
-        signal.signal(signal.SIGINT, previous)
+@dataclasses.dataclass(slots=True)
+class _Job:
+    """What the study says of one job: its attempts and whether it is done."""
+
+    trials: list[optuna.trial.FrozenTrial] = dataclasses.field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return any(
+            t.state == TrialState.COMPLETE
+            or (t.state == TrialState.FAIL and t.user_attrs.get("status") in FINAL_FAILURES)
+            for t in self.trials
+        )
+
+    @property
+    def errors(self) -> int:
+        return sum(1 for t in self.trials if t.user_attrs.get("status") == "error")
 
 
-def _worker() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _fail(study: optuna.Study, trial: optuna.Trial, status: str, reason: str) -> None:
-    """Mark `trial` failed with `status` and `reason`, unless it has finished already."""
-    try:
-        trial.set_user_attr("status", status)
-        trial.set_user_attr("reason", reason)
-    except optuna.exceptions.UpdateFinishedTrialError:
-        return  # told before the interruption: its result stands
-    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-
-
-def recover_interrupted(study: optuna.Study) -> list[str]:
-    """Fail RUNNING trials whose process on this host is gone; return their display ids."""
-    host = socket.gethostname()
-    recovered = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = str(t.user_attrs.get("worker", ""))
-        w_host, _, w_pid = worker.rpartition(":")
-        if w_host == host and w_pid.isdigit() and not _pid_alive(int(w_pid)):
-            handle = optuna.trial.Trial(study, t._trial_id)
-            _fail(study, handle, "interrupted", f"worker {worker} stopped while running it")
-            recovered.append(str(t.user_attrs.get("display_id")))
-    return recovered
-
-
-def pending(study: optuna.Study, plan: Plan) -> list[tuple[ArchSpec, Cost]]:
-    """Candidates of `plan` that have no finished, running or queued trial yet."""
-    taken = set()
+def _jobs(study: optuna.Study) -> dict[str, _Job]:
+    jobs: dict[str, _Job] = {}
     for t in study.get_trials(deepcopy=False):
-        did = t.user_attrs.get("display_id")
-        if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING):
-            taken.add(did)
-        elif t.state == TrialState.FAIL and t.user_attrs.get("status") in FINAL_FAILURES:
-            taken.add(did)
-    return [(a, c) for a, c in plan.kept if a.display_id not in taken]
+        key = t.user_attrs.get("job_key")
+        if isinstance(key, str):
+            jobs.setdefault(key, _Job()).trials.append(t)
+    return jobs
 
 
 def cost_attrs(arch: ArchSpec, cost: Cost) -> dict[str, Any]:
     """The user attributes every trial of a candidate starts with."""
-    return {**cost_record(arch, cost), "arch": arch.to_dict()}
+    return {**cost_record(arch, cost), "arch": arch.to_dict(), "job_key": job_key(arch)}
 
 
-def _run_trial(
+def _fail(study: optuna.Study, trial_id: int, status: str, reason: str) -> bool:
+    """Fail a RUNNING trial with `status` and `reason`; False if it had finished already."""
+    trial = optuna.trial.Trial(study, trial_id)
+    try:
+        trial.set_user_attr("status", status)
+        trial.set_user_attr("reason", reason)
+        study.tell(trial, state=TrialState.FAIL)
+    except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError):
+        return False  # told by its worker (or failed by optuna) first: its result stands
+    return True
+
+
+def _fail_orphans(study: optuna.Study, claim: Claim) -> None:
+    """Fail the job's RUNNING trials: their workers no longer hold its claim."""
+    job = _jobs(study).get(claim.key, _Job())
+    for t in job.trials:
+        if t.state == TrialState.RUNNING:
+            who = t.user_attrs.get("worker", claim.took_over or "an earlier worker")
+            _fail(study, t._trial_id, "interrupted", f"worker {who} stopped while running it")
+
+
+def _create_trial(study: optuna.Study, attrs: Mapping[str, Any]) -> optuna.Trial:
+    """A RUNNING trial with all of `attrs`, in one write: no moment without them."""
+    template = optuna.trial.create_trial(state=TrialState.RUNNING, user_attrs=dict(attrs))
+    # NOTE: optuna's public add_trial returns nothing; its storage call gives the id.
+    trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
+    return optuna.trial.Trial(study, trial_id)
+
+
+def _run_job(
     study: optuna.Study,
-    trial: optuna.Trial,
-    by_id: Mapping[str, ArchSpec],
-    total: int,
+    claims: Claims,
+    claim: Claim,
+    arch: ArchSpec,
+    cost: Cost,
     evaluate: Evaluate,
+    heartbeat_s: float,
+    progress: tuple[int, int],
     on_start: Callable[[ArchSpec, int, int], None] | None,
     on_done: Callable[[ArchSpec, Mapping[str, Any]], None] | None,
-) -> bool:
-    """Evaluate and tell one asked trial; False if it was not one of ours (stop)."""
-    did = trial.user_attrs.get("display_id")
-    if not isinstance(did, str) or did not in by_id:
-        # Another worker popped the last queued trial between our check and ask(), and
-        # optuna made a fresh, empty trial instead; discard it.
-        study.tell(trial, state=TrialState.FAIL)
-        return False
-    arch = by_id[did]
-    trial.set_user_attr("worker", _worker())
-    if on_start is not None:
-        queued = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-        on_start(arch, total - queued - 1, total)
-    try:
-        metrics = dict(evaluate(arch))
-    except Exception as e:  # noqa: BLE001 (recorded, and the search goes on)
-        metrics = {"status": "error", "reason": f"{type(e).__name__}: {e}"}
-    for key, value in metrics.items():
-        trial.set_user_attr(key, value)
-    if metrics.get("status") == "ok":
-        study.tell(trial, values=[metrics["val_accuracy"], metrics["latency_ms"]])
-    else:
-        study.tell(trial, state=TrialState.FAIL)
+) -> None:
+    """Run one claimed job: fail its orphans, then (unless done) create, evaluate, tell."""
+    with Heartbeat(claims, claim, heartbeat_s, study._storage) as heartbeat:
+        _fail_orphans(study, claim)
+        job = _jobs(study).get(claim.key, _Job())
+        if job.done:
+            return
+        attrs = {
+            **cost_attrs(arch, cost),
+            "worker": worker_id(),
+            "attempt": len(job.trials) + 1,
+        }
+        trial = _create_trial(study, attrs)
+        heartbeat.watch(trial._trial_id)
+        try:
+            if on_start is not None:
+                on_start(arch, *progress)
+            try:
+                metrics = dict(evaluate(arch))
+            except Exception as e:  # noqa: BLE001 (recorded, and the search goes on)
+                metrics = {"status": "error", "reason": f"{type(e).__name__}: {e}"}
+            try:
+                for key, value in metrics.items():
+                    trial.set_user_attr(key, value)
+                # skip_if_finished: a new holder may have failed it (see the except below).
+                if metrics.get("status") == "ok":
+                    values = [metrics["val_accuracy"], metrics["latency_ms"]]
+                    study.tell(trial, values=values, skip_if_finished=True)
+                else:
+                    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                return  # our claim went stale and the job was taken over: its holder decides
+        except KeyboardInterrupt:
+            _fail(study, trial._trial_id, "interrupted", "KeyboardInterrupt")
+            raise
     if on_done is not None:
         on_done(arch, metrics)
-    return True
 
 
 def run_search(
@@ -282,8 +380,15 @@ def run_search(
     *,
     on_start: Callable[[ArchSpec, int, int], None] | None = None,
     on_done: Callable[[ArchSpec, Mapping[str, Any]], None] | None = None,
+    heartbeat_s: float = DEFAULT_HEARTBEAT_S,
+    claims: Claims | None = None,
 ) -> optuna.Study:
-    """Evaluate every candidate of `plan` not yet finished in `study`.
+    """Evaluate every candidate of `plan` not yet finished in `study`, each exactly once.
+
+    Any number of workers may run this on one study at once. A worker returns when every
+    job is done, failed for good, or failed with an error since it started; while other
+    workers hold the last jobs it waits for them, and takes over a job whose worker
+    stopped beating (see `mobisearch.workers`).
 
     Args:
       study: from `open_or_create_study`.
@@ -293,31 +398,58 @@ def run_search(
         stored as user attributes (they must be JSON-serialisable).
       on_start: called with `(arch, done, total)` before each evaluation (progress display).
       on_done: called with `(arch, metrics)` after each evaluation.
+      heartbeat_s: seconds between two heartbeats of this worker's claim; a claim is taken
+        over after `GRACE_BEATS` missed beats.
+      claims: the claim store (default: the one of the study's storage).
 
     Returns:
       The study. A KeyboardInterrupt marks the running trial failed with status
-      `"interrupted"` (so the next run retries it) and is re-raised.
+      `"interrupted"`, gives its job back (so another worker or the next run retries it)
+      and is re-raised.
     """
-    recover_interrupted(study)
-    for arch, cost in pending(study, plan):
-        study.enqueue_trial({}, user_attrs=cost_attrs(arch, cost))
-    by_id = {a.display_id: a for a, _ in plan.kept}
-    total = len(plan.kept)
+    claims = claims or claims_for(study, heartbeat_s=heartbeat_s)
+    jobs: dict[str, tuple[ArchSpec, Cost]] = {}
+    for arch, cost in plan.kept:
+        jobs.setdefault(job_key(arch), (arch, cost))  # equal networks: trained once
+    fail_stale_trials(study)
+    # Errors seen now are retried by this worker; errors that happen later are left to
+    # workers started after them, so a failing candidate is not retried in a loop.
+    errors_at_start = {k: j.errors for k, j in _jobs(study).items()}
     while True:
-        if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            break
-        with _deferred_sigint() as interrupted:
-            trial = study.ask()
-        # From here until it is told, a Ctrl-C anywhere (not only during `evaluate`) must
-        # leave the trial failed as "interrupted": a RUNNING trial without its worker
-        # attribute could not be recovered, and the rerun would never retry it. A Ctrl-C
-        # during `ask` (which turns a queued trial RUNNING) is held until it returns.
+        state = _jobs(study)
+        todo = [
+            k
+            for k in jobs
+            if not (j := state.get(k, _Job())).done and j.errors <= errors_at_start.get(k, 0)
+        ]
+        if not todo:
+            return study
+        held = claims.held()
+        claim = None
+        for key in todo:
+            owner_age = held.get(key)
+            if owner_age is None or owner_age[1] > claims.grace_s:
+                if (claim := claims.claim(key)) is not None:
+                    break
+        if claim is None:
+            # Live workers hold every job left: wait for them, or for a claim to go stale.
+            time.sleep(min(heartbeat_s, 1.0))
+            fail_stale_trials(study)
+            continue
+        arch, cost = jobs[claim.key]
+        done = len(jobs) - len(todo)
         try:
-            if interrupted:
-                raise KeyboardInterrupt
-            if not _run_trial(study, trial, by_id, total, evaluate, on_start, on_done):
-                break
-        except KeyboardInterrupt:
-            _fail(study, trial, "interrupted", "KeyboardInterrupt")
-            raise
-    return study
+            _run_job(
+                study,
+                claims,
+                claim,
+                arch,
+                cost,
+                evaluate,
+                heartbeat_s,
+                (done, len(jobs)),
+                on_start,
+                on_done,
+            )
+        finally:
+            claims.release(claim)

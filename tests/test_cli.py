@@ -132,6 +132,13 @@ def test_bad_per_stage_value_exits_2(tmp_path, old, new, needle) -> None:  # typ
         (["search", "--space", "quick", "--budget", "1K"], "cheapest is quick_w025_r16_k3"),
         (["search", "--space", "quick", "--set", "train.stepz=3"], "train.stepz"),
         (["train", "--config", "missing.json"], "missing.json"),
+        (["train", "--config", "x.json", "--epochs", "0"], "--epochs: '0': expected an integer"),
+        (["train", "--config", "x.json", "--epochs", "-2"], "--epochs: '-2'"),
+        (["search", "--space", "quick", "--latency-batch", "0"], "--latency-batch: '0'"),
+        (["search", "--space", "quick", "--latency-batch", "-3"], "--latency-batch: '-3'"),
+        (["search", "--space", "quick", "--heartbeat-s", "0"], "--heartbeat-s: '0'"),
+        (["search", "--space", "quick", "--storage", "notaurl"], "'notaurl': expected a storage"),
+        (["best", "--storage", "notaurl"], "'notaurl': expected a storage URL"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args, needle) -> None:  # type: ignore[no-untyped-def]
@@ -140,6 +147,110 @@ def test_bad_input_exits_2_with_one_line(args, needle) -> None:  # type: ignore[
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def _one_line_exit_2(proc: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "storage", "needle"),
+    [
+        ("search", "sqlite:///{d}/missing/study.db", "folder {d}/missing does not exist"),
+        ("search", "sqlite:///{d}/notes.txt", "is not a SQLite database"),
+        ("search", "journal:///{d}/missing/study.log", "does not exist"),
+        ("best", "sqlite:///{d}/missing.db", "no such file (nothing was created)"),
+        ("plot", "sqlite:///{d}/missing.db", "no such file (nothing was created)"),
+        ("best", "journal:///{d}/missing.log", "no such file (nothing was created)"),
+        ("best", "sqlite:///{d}/best.json", "is not a SQLite database"),
+        ("best", "{d}/best.json", "expected a storage URL"),
+        ("best", "sqlite:///{d}/plain.db", "not an optuna study database"),
+    ],
+)
+def test_bad_storage_exits_2_and_changes_nothing(tmp_path, command, storage, needle) -> None:  # type: ignore[no-untyped-def]
+    d = str(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a database\n")
+    (tmp_path / "best.json").write_text('{"arch": {}}\n')
+    with sqlite3.connect(tmp_path / "plain.db") as con:
+        con.execute("create table t (x)")
+    before = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    out = ["--out-dir", str(tmp_path / "out")] if command == "search" else []
+    proc = run_cli(
+        command, "--space", "quick", "--storage", storage.format(d=d), *out, timeout=120
+    )
+    _one_line_exit_2(proc, needle.format(d=d))
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing created
+
+
+def test_postgres_url_without_a_driver(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """As on a machine without the [postgres] extra: both drivers hidden from imports."""
+    code = (
+        "import sys; sys.modules['psycopg'] = sys.modules['psycopg2'] = None; "
+        "from mobisearch.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "best", "--storage", "postgresql://u:pw@127.0.0.1:1/db"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    _one_line_exit_2(proc, "pip install 'mobisearch[postgres]'")
+    assert "pw" not in proc.stderr
+
+
+@needs_fashion
+def test_read_only_and_full_storage_exit_2(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A read-only study and a full disk: one line, exit 2, the stored study intact."""
+    import resource
+
+    import optuna
+
+    from mobisearch import workers
+
+    db = tmp_path / "study.db"
+    storage = workers.open_storage(f"sqlite:///{db}")
+    optuna.create_study(storage=storage, study_name="earlier").add_trial(
+        optuna.trial.create_trial(value=1.0)
+    )
+    workers.close_storage(storage)
+    size = db.stat().st_size
+
+    def unchanged() -> None:
+        # The earlier study is intact (a study the search managed to create may remain,
+        # empty; a rerun with disk space resumes it).
+        storage = workers.open_storage(f"sqlite:///{db}", create=False)
+        (trial,) = optuna.load_study(study_name="earlier", storage=storage).trials
+        assert trial.value == 1.0
+        workers.close_storage(storage)
+
+    read_only = f"sqlite:///file:{db}?mode=ro&uri=true"
+    proc = run_cli("search", "--space", "quick", "--storage", read_only, "--out-dir",
+                   str(tmp_path / "out"), "--quiet", timeout=300)  # fmt: skip
+    _one_line_exit_2(proc, "readonly database")
+    unchanged()
+
+    def full_disk() -> None:  # no file may grow: as a full disk does to SQLite
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "mobisearch.cli", "search", "--space", "quick", "--storage",
+         f"sqlite:///{db}", "--out-dir", str(tmp_path / "out"), "--quiet"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, preexec_fn=full_disk,
+    )  # fmt: skip
+    _one_line_exit_2(proc, f"sqlite:///{db}")
+    unchanged()
+
+
+@needs_fashion
+def test_data_dir_missing_its_test_files_is_an_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    for f in FASHION.parent.glob("train-*"):
+        (tmp_path / f.name).symlink_to(f)
+    proc = run_cli("search", "--space", "quick", "--data-dir", str(tmp_path), "--out-dir",
+                   str(tmp_path / "out"), timeout=120)  # fmt: skip
+    _one_line_exit_2(proc, "but not t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte")
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_toml_names_the_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -274,6 +385,9 @@ def test_interrupted_search_resumes_without_retraining(tmp_path, sig) -> None:  
         # candidate's result appears (20 steps took well under a second once compiled).
         "--set",
         "train.steps=400",
+        # A killed worker's candidate is taken over once it missed 3 beats of 1 s.
+        "--heartbeat-s",
+        "1",
     ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen(
@@ -318,3 +432,59 @@ def test_interrupted_search_resumes_without_retraining(tmp_path, sig) -> None:  
     after = complete()
     assert sorted(set(after)) == sorted(after) and len(after) == 4  # each candidate once
     assert set(finished) <= set(after)
+
+
+# --- many workers ------------------------------------------------------------------------
+
+
+@needs_fashion
+def test_workers_on_separate_machines_all_finish(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """3 real `mobisearch search` workers share one study but not their --out-dir (as on 3
+    machines): each candidate is trained once, every worker finishes with complete exports,
+    and each frontier member is evaluated on the test split by the worker holding its
+    checkpoint; a later rerun (nothing to train) exports every test accuracy."""
+    import csv
+
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+
+    def worker(i: int) -> list[str]:
+        return [sys.executable, "scripts/search.py", "--space", "quick", "--storage", storage,
+                "--out-dir", str(tmp_path / f"m{i}"), "--quiet", "--heartbeat-s", "1"]  # fmt: skip
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [
+        subprocess.Popen(
+            worker(i), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )  # fmt: skip
+        for i in range(3)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    with sqlite3.connect(tmp_path / "shared.db") as db:
+        rows = db.execute(
+            "select t.state, a.value_json from trials t join trial_user_attributes a "
+            "on a.trial_id = t.trial_id where a.key = 'display_id'"
+        ).fetchall()
+    assert sorted(s for s, _ in rows) == ["COMPLETE"] * 4
+    assert len({d for _, d in rows}) == 4  # each candidate once
+    checkpoints = {p.name for p in tmp_path.glob("m*/checkpoints/*/*.msgpack")}
+    assert len(checkpoints) == 4  # each written by the worker that trained it
+    for i in range(3):
+        out = tmp_path / f"m{i}"
+        with (out / "trials.csv").open() as f:
+            assert len(list(csv.DictReader(f))) == 4
+        with (out / "failed_attempts.csv").open() as f:
+            assert list(csv.DictReader(f)) == []
+        assert (out / "best.json").exists() and (out / "pareto.png").exists()
+        for r in json.loads((out / "frontier.json").read_text()):
+            # Measured here or by another worker, or pending on the machine that holds it.
+            mine = (out / "checkpoints" / "quick" / f"{r['display_id']}.msgpack").exists()
+            assert r.get("test_accuracy") is not None or (not mine and r["checkpoint_host"])
+    rerun = subprocess.run(worker(0), cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    front = json.loads((tmp_path / "m0" / "frontier.json").read_text())
+    assert front and all(0.0 <= r["test_accuracy"] <= 1.0 for r in front)
+    with sqlite3.connect(tmp_path / "shared.db") as db:
+        assert db.execute("select count(*) from trials").fetchone() == (4,)

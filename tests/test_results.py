@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import optuna
 import pytest
@@ -31,7 +37,7 @@ def study(tmp_path):  # type: ignore[no-untyped-def]
         return {"status": "ok", "val_accuracy": acc, "latency_ms": lat, "latency_batch": 1}
 
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    s = search.open_or_create_study(storage, "quick", search.recipe_fingerprint(space))
+    s = search.open_or_create_study(storage, "quick", search.study_fingerprint(space))
     search.run_search(s, plan, evaluate)
     return s
 
@@ -112,3 +118,78 @@ def test_csv_and_frontier_json(tmp_path, study) -> None:  # type: ignore[no-unty
     front = json.loads((tmp_path / "f.json").read_text())
     assert len(front) == 3
     assert ArchSpec.from_dict(front[0]["arch"]).display_id == front[0]["display_id"]
+
+
+def test_one_row_per_candidate_and_failed_attempts_apart(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A candidate that failed once and was retried is one row of trials.csv (its COMPLETE
+    attempt, `attempts` = 2); the failed attempt is a row of failed_attempts.csv."""
+    space = load_space(resolve_space_path("quick"))
+    plan = search.plan_search(space)
+    flaky = plan.kept[1][0].display_id
+    calls: list[str] = []
+
+    def evaluate(arch: ArchSpec) -> dict[str, object]:
+        calls.append(arch.display_id)
+        if arch.display_id == flaky and calls.count(flaky) == 1:
+            raise RuntimeError("out of memory")
+        return {"status": "ok", "val_accuracy": 0.5, "latency_ms": count_cost(arch).macs / 1e5}
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = search.open_or_create_study(storage, "q", search.study_fingerprint(space))
+    search.run_search(study, plan, evaluate)
+    search.run_search(study, plan, evaluate)  # a later run retries the error
+    records = results.trial_records(study)
+    assert len(records) == 5
+    candidates = results.candidate_records(records)
+    assert sorted(r["display_id"] for r in candidates) == sorted(
+        a.display_id for a, _ in plan.kept
+    )
+    assert all(r["state"] == "COMPLETE" for r in candidates)
+    assert {r["display_id"]: r["attempts"] for r in candidates}[flaky] == 2
+    results.write_trials_csv(candidates, tmp_path / "trials.csv")
+    results.write_failed_csv(records, tmp_path / "failed.csv")
+    with (tmp_path / "trials.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r["attempts"] for r in rows} == {"1", "2"}
+    with (tmp_path / "failed.csv").open() as f:
+        (failed,) = list(csv.DictReader(f))
+    assert failed["display_id"] == flaky and failed["status"] == "error"
+    assert failed["attempt"] == "1" and "out of memory" in failed["reason"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from mobisearch.results import write_atomic
+    path, i = sys.argv[1], 0
+    print("ready", flush=True)
+    while True:  # alternate two complete contents until killed
+        i += 1
+        write_atomic(path, (f"version {i % 2}\\n" * 500_000))
+    """
+)
+
+
+def test_an_export_killed_midway_leaves_the_old_or_the_new_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "trials.csv"
+    path.write_text("version 1\n" * 500_000)
+    complete = {f"version {v}\n" * 500_000 for v in (0, 1)}
+    for delay in (0.0, 0.005, 0.01, 0.02, 0.04):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        assert path.read_text() in complete  # never empty, never half-written
+
+
+def test_read_only_load_creates_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="no such file"):
+        results.load_study(f"sqlite:///{tmp_path / 'missing.db'}")
+    with pytest.raises(ValueError, match="no such file"):
+        results.load_best(f"sqlite:///{tmp_path / 'missing.db'}")
+    assert list(tmp_path.iterdir()) == []

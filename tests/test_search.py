@@ -1,12 +1,17 @@
-"""The search driver over a real SQLite study, with a cost-only evaluator injected."""
+"""The search driver over a real SQLite study, with a cost-only evaluator injected.
+
+(Many workers at once, on SQLite, PostgreSQL and journal files: tests/test_workers.py.)
+"""
 
 from __future__ import annotations
 
-import os
+import dataclasses
+import json
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from typing import Any
 
 import optuna
@@ -16,7 +21,7 @@ from optuna.trial import TrialState
 from mobisearch import search
 from mobisearch.arch import ArchSpec
 from mobisearch.cost import count_cost, format_count
-from mobisearch.space import load_space, resolve_space_path
+from mobisearch.space import apply_overrides, load_space, resolve_space_path
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -51,7 +56,7 @@ class Recorder:
 
 def new_study(tmp_path, space, name: str = "s"):  # type: ignore[no-untyped-def]
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    return search.open_or_create_study(storage, name, search.recipe_fingerprint(space))
+    return search.open_or_create_study(storage, name, search.study_fingerprint(space))
 
 
 def test_plan_drops_over_budget_before_anything_runs(space) -> None:  # type: ignore[no-untyped-def]
@@ -93,6 +98,8 @@ def test_search_stores_every_candidate_once(tmp_path, space) -> None:  # type: i
         assert arch.display_id == t.user_attrs["display_id"]
         assert t.user_attrs["macs"] == count_cost(arch).macs
         assert t.values == [t.user_attrs["val_accuracy"], t.user_attrs["latency_ms"]]
+        assert t.user_attrs["job_key"] == search.job_key(arch)
+        assert t.user_attrs["attempt"] == 1
     # A second run with the same arguments evaluates nothing.
     again = Recorder()
     search.run_search(study, plan, again)
@@ -129,6 +136,20 @@ def test_error_is_recorded_and_search_goes_on(tmp_path, space) -> None:  # type:
     again = Recorder()
     search.run_search(study, plan, again)
     assert again.calls == [bad]
+    (retried,) = [t for t in study.get_trials() if t.state == TrialState.COMPLETE and
+                  t.user_attrs["display_id"] == bad]  # fmt: skip
+    assert retried.user_attrs["attempt"] == 2
+
+
+def test_a_failing_candidate_is_tried_once_per_run(tmp_path, space) -> None:  # type: ignore[no-untyped-def]
+    """A worker does not retry an error that happened after it started (no retry loop)."""
+    plan = search.plan_search(space)
+    bad = plan.kept[0][0].display_id
+    study = new_study(tmp_path, space)
+    evaluate = Recorder({bad: "raise"})
+    search.run_search(study, plan, evaluate)
+    search.run_search(study, plan, evaluate)
+    assert evaluate.calls.count(bad) == 2  # once per run
 
 
 def test_interrupt_then_resume(tmp_path, space) -> None:  # type: ignore[no-untyped-def]
@@ -182,7 +203,7 @@ KILLED_SEARCH = textwrap.dedent(
 
     space = load_space(resolve_space_path("quick"))
     plan = search.plan_search(space)
-    study = search.open_or_create_study(sys.argv[1], "s", search.recipe_fingerprint(space))
+    study = search.open_or_create_study(sys.argv[1], "s", search.study_fingerprint(space))
     calls = []
 
     def evaluate(arch):
@@ -192,7 +213,7 @@ KILLED_SEARCH = textwrap.dedent(
         macs = count_cost(arch).macs
         return {"status": "ok", "val_accuracy": macs / 1e8, "latency_ms": macs / 1e5}
 
-    search.run_search(study, plan, evaluate)
+    search.run_search(study, plan, evaluate, heartbeat_s=1)
     """
 )
 
@@ -212,44 +233,61 @@ def test_killed_process_is_resumed(tmp_path, space) -> None:  # type: ignore[no-
     assert len(finished) == 2
     plan = search.plan_search(space)
     resume = Recorder()
-    search.run_search(study, plan, resume)
+    t0 = time.monotonic()
+    search.run_search(study, plan, resume, heartbeat_s=1)
+    # The dead worker's claim went stale after 3 missed beats of 1 s.
+    assert time.monotonic() - t0 < 20
     assert killed in resume.calls
     assert not finished & set(resume.calls)
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 4
     assert study.trials[running[0].number].user_attrs["status"] == "interrupted"
 
 
-def test_running_trial_of_a_live_process_is_left_alone(tmp_path, space) -> None:  # type: ignore[no-untyped-def]
-    study = new_study(tmp_path, space)
-    trial = study.ask()
-    trial.set_user_attr("display_id", "x")
-    trial.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")
-    assert search.recover_interrupted(study) == []
-    assert study.trials[trial.number].state == TrialState.RUNNING
-
-
-def test_recipe_mismatch_refuses_and_keeps_the_study(tmp_path, space) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("arch.stem_ch=24", "arch.stem_ch"),
+        ("axes.width=[0.25]", "axes.width"),
+        ("train.steps=21", "train.steps"),
+        ("data.split_seed=1", "data.split_seed"),
+        ("latency.iters=11", "latency.iters"),
+    ],
+)
+def test_changed_space_refuses_the_study_and_keeps_it(tmp_path, space, override, key) -> None:  # type: ignore[no-untyped-def]
+    """Old trials are never returned as results of another architecture, recipe, ..."""
     study = new_study(tmp_path, space)
     search.run_search(study, search.plan_search(space), Recorder())
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    with pytest.raises(ValueError, match="another recipe"):
-        search.open_or_create_study(storage, "s", '{"train": "different"}')
+    changed = apply_overrides(space, [override])
+    with pytest.raises(ValueError, match="was made with other settings") as e:
+        search.open_or_create_study(storage, "s", search.study_fingerprint(changed))
+    assert key in str(e.value) and "--study-name" in str(e.value)
+    assert len(str(e.value).splitlines()) == 1
     reloaded = optuna.load_study(study_name="s", storage=storage)
     assert len(reloaded.get_trials(states=(TrialState.COMPLETE,))) == 4
+    assert reloaded.user_attrs["fingerprint"] == search.study_fingerprint(space)
+
+
+def test_fingerprint_covers_library_versions(space) -> None:  # type: ignore[no-untyped-def]
+    doc = json.loads(search.study_fingerprint(space, {"latency_batch": 1}))
+    assert set(search.NUMERIC_LIBRARIES) <= set(doc["versions"])
+    assert doc["versions"]["jax"] and doc["versions"]["numpy"]
+    assert doc["settings"] == {"latency_batch": 1}
+    # The space's name and description do not change a result.
+    renamed = dataclasses.replace(space, name="other", description="x")
+    assert search.study_fingerprint(renamed) == search.study_fingerprint(space)
+
+
+def test_job_key_tells_architectures_apart(space) -> None:  # type: ignore[no-untyped-def]
+    a = space.candidates()[0]
+    wider_stem = dataclasses.replace(a, stem_ch=a.stem_ch + 8)
+    assert a.display_id == wider_stem.display_id
+    assert search.job_key(a) != search.job_key(wider_stem)
+    assert search.job_key(a) == search.job_key(ArchSpec.from_dict(a.to_dict()))
+    # One job per network, however it is named.
+    assert search.job_key(a) == search.job_key(dataclasses.replace(a, name="renamed"))
 
 
 def test_default_study_name(space) -> None:  # type: ignore[no-untyped-def]
     assert search.default_study_name(space, 20_000_000, None) == "quick-macs20M"
     assert search.default_study_name(space, None, None) == "quick"
-
-
-def test_ctrl_c_during_ask_is_held_until_it_returns() -> None:
-    """`study.ask()` turns a queued trial RUNNING; a Ctrl-C inside it would leave that trial
-    RUNNING without a worker, never retried. It is held and reported after."""
-    before = signal.getsignal(signal.SIGINT)
-    with search._deferred_sigint() as caught:
-        os.kill(os.getpid(), signal.SIGINT)
-        for _ in range(1000):  # let the handler run: no KeyboardInterrupt here
-            pass
-    assert caught == [signal.SIGINT]
-    assert signal.getsignal(signal.SIGINT) is before
