@@ -388,7 +388,7 @@ class _ShapeOnlyRngs:
         return lambda: self._key
 
 
-# NOTE: building a model under `nnx.eval_shape` with real `nnx.Rngs` spent most of its time
+# NOTE: building a model under `nnx.eval_shape` with real `nnx.Rngs` spends most of its time
 # updating RNG counters on tracers; `_ShapeOnlyRngs` gives the same graph and state, and
 # the values come from `_init_state` anyway. Our modules are not JAX pytrees
 # (`pytree=False`): nothing passes a module through a transform unsplit, and flax then
@@ -419,8 +419,8 @@ def _init_state(state: Any, key: Array) -> Any:
     random draw (`state` itself is left as it is).
 
     NOTE: XLA:CPU compiles every `jax.random` call of a new shape separately, so flax's
-    layer-by-layer init compiled one program per kernel shape; one draw of a power-of-two
-    length compiles once. Each kernel takes the next slice of the draw, scaled as
+    layer-by-layer init would compile one program per kernel shape; one draw of a
+    power-of-two length compiles once. Each kernel takes the next slice of the draw, scaled as
     `nnx.initializers.lecun_normal()` scales it.
     """
     flat = nnx.to_flat_state(state)

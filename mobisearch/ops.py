@@ -371,7 +371,7 @@ _pointwise_native.defvjp(_pointwise_native_fwd, _pointwise_native_bwd)
 
 # NOTE: XLA:CPU gives the kernel gradient of a 1×1 conv (a product contracting every pixel)
 # to Eigen, slower than the native register-blocked kernel; its input gradient and the
-# forward stay XLA's (YNNPACK) dots. A 1×1 `conv_general_dilated` ran ~3x slower than the
+# forward stay XLA's (YNNPACK) dots. A 1×1 `conv_general_dilated` runs ~3x slower than the
 # same contraction as a dot, hence dots; on "xla" a 2-D dot on the flattened pixels, whose
 # autodiff kernel gradient needs no transpose of the input.
 def pointwise_conv(x: Array, kernel: Array, *, backend: str = "xla") -> Array:
@@ -425,7 +425,7 @@ def _batch_norm_native_bwd(epsilon, momentum, relu, res, cts):  # type: ignore[n
 _batch_norm_native.defvjp(_batch_norm_native_fwd, _batch_norm_native_bwd)
 
 
-# NOTE: autodiff of a generic BatchNorm left XLA a dozen fusions per layer to compile
+# NOTE: autodiff of a generic BatchNorm leaves XLA a dozen fusions per layer to compile
 # (statistics, normalisation, their gradients); natively each direction is one call.
 def batch_norm_train(
     x: Array,
@@ -506,7 +506,7 @@ def _head_native_bwd(res: Any, g: Array) -> tuple[Array, Array, Array]:
 _head_native.defvjp(_head_native_fwd, _head_native_bwd)
 
 
-# NOTE: the head's pool, dense and bias were the last kernels XLA:CPU emitted through LLVM
+# NOTE: the head's pool, dense and bias are the last kernels XLA:CPU would emit through LLVM
 # in a native program (slow to compile); as one call each way they compile to nothing.
 def head(x: Array, kernel: Array, bias: Array, *, backend: str = "xla") -> Array:
     """Global average pool over (h, w), then `pooled @ kernel + bias`: `[b, h, w, C] ->
@@ -533,7 +533,7 @@ def _xent_native_bwd(smoothing: float, dlogits: Array, g: Array) -> tuple[Array,
 _xent_native.defvjp(_xent_native_fwd, _xent_native_bwd)
 
 
-# NOTE: optax's loss and its autodiff left XLA:CPU a dozen small fusions (log-softmax,
+# NOTE: optax's loss and its autodiff leave XLA:CPU a dozen small fusions (log-softmax,
 # take_along_axis and its scatter-add transpose); natively one call gives both.
 def softmax_cross_entropy(
     logits: Array, labels: Array, *, smoothing: float = 0.0, backend: str = "xla"

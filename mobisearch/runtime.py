@@ -46,7 +46,7 @@ def _mallopt() -> Callable[[int, int], int] | None:
 
 
 # NOTE: XLA:CPU mallocs a train step's temporaries (hundreds of MB) on every call; glibc
-# serves blocks that large with fresh mmaps, so each step faulted in tens of thousands of
+# serves blocks that large with fresh mmaps, so each step would fault in tens of thousands of
 # zeroed pages. Only the main heap can keep them (see `keep_freed_memory`), hence steps on
 # the calling thread, and one arena for XLA's pool threads too (`M_ARENA_MAX` 1).
 def inline_cpu_dispatch() -> None:

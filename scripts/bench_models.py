@@ -172,7 +172,7 @@ def configure_threads(n: int) -> dict[str, Any]:
         if not any(f.split("=")[0] == flag.split("=")[0] for f in flags):
             flags.append(flag)
     os.environ["XLA_FLAGS"] = " ".join(flags)
-    inline_cpu_dispatch()  # as the search runs (mobisearch.train)
+    inline_cpu_dispatch()  # as the `mobisearch` command runs
     torch.set_num_threads(n)
     try:
         torch.set_num_interop_threads(n)

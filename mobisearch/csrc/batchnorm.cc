@@ -9,12 +9,12 @@
 //
 //   forward:  mean, var = E[x], E[x²] - E[x]² (clipped at 0, as flax's fast variance);
 //             y = act(x·a + b) with a = scale/sqrt(var + eps), b = bias - mean·a; and the
-//             running averages m·avg + (1 - m)·stat, which XLA otherwise compiled as two
+//             running averages m·avg + (1 - m)·stat, which XLA otherwise compiles as two
 //             more fusions per layer.
 //   backward: g' = g·[y > 0] (ReLU) or g; dbias = Σg'; dscale = Σg'·x̂ with
 //             x̂ = (x - mean)/sqrt(var + eps); dx = a·(g' - dbias/N - x̂·dscale/N).
 //   eval:     y = act(x·a + b) [+ r] with a, b folded from the layer's state (fold.h);
-//             XLA compiled this as fusions per layer, most of an eval-mode program's compile.
+//             XLA compiles this as fusions per layer, most of an eval-mode program's compile.
 //
 // Sums run in float over at most 64 strides, then in double, per chunk of rows, and the
 // chunks are added in a fixed order, so the result does not depend on thread timing.
@@ -269,7 +269,7 @@ void EvalAffineRows(const float* __restrict x, const float* __restrict a,
 }
 
 // Below this many elements (an eval-mode layer at batch 1) waking the thread pool costs
-// more than the sweep: batch-1 forward passes were 16-50% slower than with XLA's fusion.
+// more than the sweep, so the caller runs it alone.
 constexpr int64_t kSerialBelow = 1 << 16;
 
 ffi::Error EvalAffine(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x,

