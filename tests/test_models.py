@@ -277,7 +277,7 @@ def test_xla_flops_close_to_twice_macs(
 ) -> None:
     """XLA flops ≈ 2·MACs, eval mode, batch 1 (cost analysis is best-effort: bounds only).
 
-    Measured (jax 0.10.2, CPU), flops / (2·MACs):
+    XLA's counts on the CPU, flops / (2·MACs):
 
     ==================  =======  =====
     arch                grouped  shift
