@@ -253,6 +253,24 @@ def test_data_dir_missing_its_test_files_is_an_error(tmp_path) -> None:  # type:
     assert not (tmp_path / "out").exists()
 
 
+def test_a_search_where_every_candidate_failed_exits_1(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from mobisearch import cli, search
+
+    space = load_space(resolve_space_path("quick"))
+    plan = search.plan_search(space)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = search.open_or_create_study(url, "s", search.study_fingerprint(space))
+    diverged = {"status": "diverged", "reason": "loss became nan at step 3"}
+    search.run_search(study, plan, lambda arch: diverged)
+    assert cli._check_some_finished(study, plan) == 1
+    err = capsys.readouterr().err
+    assert "no candidate finished (4 of 4 failed)" in err and "loss became nan" in err
+    assert len(err.strip().splitlines()) == 1
+    other = search.open_or_create_study(url, "t", search.study_fingerprint(space))
+    search.run_search(other, plan, lambda a: {"status": "ok", "val_accuracy": 1, "latency_ms": 1})
+    assert cli._check_some_finished(other, plan) == 0
+
+
 def test_bad_toml_names_the_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
     bad = tmp_path / "bad.toml"
     bad.write_text("[axes\nwidth = [")
