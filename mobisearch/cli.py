@@ -429,6 +429,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     arch = read_arch_json(args.config)
     space = _load_space(args)
+    if args.export:
+        _require_onnx()  # before training, not after it
     data = _load_data(space, args.data_dir)
     assert space.train is not None
     from mobisearch.data import image_mean_std
@@ -456,7 +458,60 @@ def cmd_train(args: argparse.Namespace) -> int:
         "compile_s": result.compile_s,
     }
     print(json.dumps(record) if args.json else "\n".join(f"{k}: {v}" for k, v in record.items()))
+    if args.export:
+        return _export_onnx(arch, result.state, data, args.export, args)
     return 0
+
+
+def _require_onnx() -> None:
+    from mobisearch.export import MissingExtraError, require_onnx
+
+    try:
+        require_onnx()
+    except MissingExtraError as e:
+        raise UsageError(str(e)) from None
+
+
+def _export_onnx(
+    arch: ArchSpec, state: Any, data: Dataset, output: str, args: argparse.Namespace
+) -> int:
+    """Export and check a trained state on the test split; 1 when the check fails."""
+    from mobisearch import export
+    from mobisearch.data import image_mean_std
+
+    input_dtype = getattr(args, "input_dtype", "uint8")
+    try:
+        result = export.export_onnx(
+            arch,
+            state,
+            output,
+            stats=image_mean_std(data.x_train),
+            images=data.x_test,
+            labels=data.y_test,
+            input_dtype=input_dtype,
+        )
+    except export.ExportCheckError as e:
+        print(f"mobisearch {args.command}: error: export check failed: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.to_dict()) if args.json else result.summary())
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """`mobisearch export`: a trained network as an ONNX file, checked in onnxruntime."""
+    from mobisearch.checkpoint import load_state
+    from mobisearch.export import checkpoint_of
+    from mobisearch.results import read_arch_json
+    from mobisearch.runtime import inline_cpu_dispatch
+
+    arch = read_arch_json(args.config)
+    checkpoint = args.checkpoint or checkpoint_of(args.config)
+    if checkpoint is None:
+        raise UsageError(f"{args.config}: names no checkpoint; pass --checkpoint FILE")
+    _require_onnx()
+    data = _load_data(_load_space(args), args.data_dir)
+    inline_cpu_dispatch()  # before the first JAX computation
+    return _export_onnx(arch, load_state(arch, checkpoint), data, args.output, args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -556,7 +611,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", help="folder with the dataset's IDX files")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--export", metavar="ONNX", help="then export it to this ONNX file (mobisearch export)"
+    )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "export", help="export a trained network to ONNX, checked in onnxruntime on test images"
+    )
+    p.add_argument("--config", required=True, help="best-config or architecture JSON file")
+    p.add_argument(
+        "--checkpoint", help="trained weights (.msgpack; default: the one the config names)"
+    )
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="file format (onnx)")
+    p.add_argument("-o", "--output", required=True, help="the file to write")
+    p.add_argument(
+        "--space", help="space whose dataset gives the normalization and the test images"
+    )
+    p.add_argument("--data-dir", help="folder with the dataset's IDX files")
+    p.add_argument(
+        "--input-dtype",
+        choices=("uint8", "float32"),
+        default="uint8",
+        help="what the graph takes: uint8 pixels 0..255 (default) or float32 in [0, 1]",
+    )
+    p.add_argument("--json", action="store_true", help="print the export record as JSON")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -24,8 +24,11 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -48,6 +51,7 @@ __all__ = [
     "depthwise_conv",
     "depthwise_grouped",
     "depthwise_shift",
+    "grouped_depthwise",
     "head",
     "native_applies",
     "pointwise_conv",
@@ -204,6 +208,23 @@ def _depthwise_native_bwd(stride: int, res: Any, g: Array) -> tuple[Array, Array
 _depthwise_native.defvjp(_depthwise_native_fwd, _depthwise_native_bwd)
 
 
+_GROUPED_DEPTHWISE = contextvars.ContextVar("mobisearch_grouped_depthwise", default=False)
+
+
+@contextlib.contextmanager
+def grouped_depthwise() -> Iterator[None]:
+    """Within it, `depthwise_conv` on `"xla"` traces `depthwise_grouped` on the CPU too.
+
+    For ONNX export (`mobisearch.export`): an exporter maps the grouped convolution to one
+    ONNX `Conv` with `group=C`, where shift-and-add would become k² slices. Same numbers.
+    """
+    token = _GROUPED_DEPTHWISE.set(True)
+    try:
+        yield
+    finally:
+        _GROUPED_DEPTHWISE.reset(token)
+
+
 # NOTE: on the CPU, XLA's grouped convolution is an order of magnitude slower than
 # shift-and-add in the forward and the backward pass; on GPU/TPU the grouped convolution
 # reaches cuDNN's and the TPU compiler's depthwise kernels.
@@ -212,8 +233,9 @@ def depthwise_conv(x: Array, kernel: Array, *, stride: int, backend: str = "xla"
 
     The same numbers as `nnx.Conv(C, C, (k, k), strides=s, padding="SAME",
     feature_group_count=C, use_bias=False)` with that kernel. On `"xla"` it is
-    `depthwise_shift` on the CPU and `depthwise_grouped` elsewhere; on `"native"` one C++
-    pass forward and one backward (input and kernel gradients in a single sweep).
+    `depthwise_shift` on the CPU (`depthwise_grouped` inside `grouped_depthwise()`) and
+    `depthwise_grouped` elsewhere; on `"native"` one C++ pass forward and one backward
+    (input and kernel gradients in a single sweep).
 
     Args:
       x: input `[b, h, w, C]`.
@@ -230,7 +252,7 @@ def depthwise_conv(x: Array, kernel: Array, *, stride: int, backend: str = "xla"
     _check_depthwise_args(x, kernel, stride)
     if native_applies(check_backend(backend), x, kernel):
         return _depthwise_native(x, kernel, stride)
-    if jax.default_backend() == "cpu":
+    if jax.default_backend() == "cpu" and not _GROUPED_DEPTHWISE.get():
         return depthwise_shift(x, kernel, stride)
     return depthwise_grouped(x, kernel, stride)
 
