@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from typing import Any
 
 import jax
@@ -12,7 +13,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mobisearch.latency import Latency, device_fingerprint, fingerprint_id, measure_latency
+from mobisearch.latency import (
+    Latency,
+    check_threads,
+    device_fingerprint,
+    fingerprint_id,
+    kendall_tau,
+    latency_backend_record,
+    measure_candidates,
+    measure_latency,
+    measure_round_robin,
+    summarise_rounds,
+)
+from mobisearch.presets import tiny
 
 
 class FakeClock:
@@ -187,3 +200,146 @@ def test_fingerprint_id_is_short_and_stable() -> None:
     assert fingerprint_id(device_fingerprint(batch_size=2)) != fid
     # Pinned: the id must not change between processes or releases for the same dict.
     assert fingerprint_id({"backend": "cpu", "batch_size": 1}) == "dca54db1db50"
+
+
+# --- ranking candidates: latency backends, round-robin measurement --------------------------
+
+
+def _have(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+needs_onnx = pytest.mark.skipif(
+    not all(_have(m) for m in ("onnxruntime", "onnx", "jax2onnx")),
+    reason="the onnx extra is not installed (pip install -e '.[onnx]')",
+)
+
+
+def test_round_robin_interleaves_candidates_in_seeded_orders() -> None:
+    events: list[str] = []
+    runners = [lambda name=name: events.append(name) for name in "abc"]
+    durations = iter(range(1, 10_000))
+
+    class Clock:
+        """Each timed call lasts 1 ms more than the one before."""
+
+        now, started = 0.0, False
+
+        def __call__(self) -> float:
+            if self.started:
+                self.now += next(durations) / 1e3
+            self.started = not self.started
+            return self.now
+
+    times = measure_round_robin(
+        runners, rounds=4, iters_per_round=2, warmup=3, seed=7, clock=Clock()
+    )
+    assert events[:9] == ["a"] * 3 + ["b"] * 3 + ["c"] * 3  # warm-up, one after the other
+    visits = events[9:]
+    assert len(visits) == 4 * 3 * 3  # each visit: one untimed call, two timed
+    order = visits[::3]
+    assert [visits[i : i + 3] for i in range(0, len(visits), 3)] == [[v] * 3 for v in order]
+    rounds = [order[i : i + 3] for i in range(0, 12, 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)  # every candidate once a round
+    assert len({tuple(r) for r in rounds}) > 1  # in changing orders
+    events.clear()
+    again = measure_round_robin(runners, rounds=4, iters_per_round=2, warmup=0, seed=7)
+    assert events[::3] == order  # same seed, same orders
+    # times[i][r] holds the two timed durations of runner i in round r, in clock order.
+    assert [len(t) for t in times] == [4, 4, 4] and all(len(v) == 2 for t in times for v in t)
+    flat = sorted(d for t in times for v in t for d in v)
+    assert flat == pytest.approx([k / 1e3 for k in range(1, 25)])
+    assert len(again) == 3
+
+
+def test_summarise_rounds_is_the_median_of_round_medians() -> None:
+    rounds = [[0.001, 0.002, 0.009], [0.003, 0.003, 0.003], [0.0015, 0.0005, 0.0025], [0.1]]
+    s = summarise_rounds(rounds)
+    assert s["round_ms"] == pytest.approx((2.0, 3.0, 1.5, 100.0))
+    assert s["latency_ms"] == pytest.approx(2.5)  # one slow round moves it little
+    assert s["p25_ms"] == pytest.approx(1.875) and s["p75_ms"] == pytest.approx(27.25)
+    assert s["min_ms"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="at least one round"):
+        summarise_rounds([[0.001], []])
+    with pytest.raises(ValueError, match="went backwards"):
+        summarise_rounds([[0.001, -0.001]])
+
+
+def test_kendall_tau() -> None:
+    assert kendall_tau([1, 2, 3], [1, 2, 3]) == 1.0
+    assert kendall_tau([1, 2, 3], [3, 2, 1]) == -1.0
+    assert kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(2 / 3)
+    # tau-b with ties: scipy.stats.kendalltau([1, 1, 2, 3], [1, 2, 2, 3]) = 0.8
+    assert kendall_tau([1, 1, 2, 3], [1, 2, 2, 3]) == pytest.approx(0.8)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal(24), rng.standard_normal(24)
+    stats = pytest.importorskip("scipy.stats")
+    assert kendall_tau(x, y) == pytest.approx(stats.kendalltau(x, y).statistic)
+    with pytest.raises(ValueError, match="one length >= 2"):
+        kendall_tau([1, 2], [1, 2, 3])
+    with pytest.raises(ValueError, match="undefined"):
+        kendall_tau([1, 1, 1], [1, 2, 3])
+
+
+@pytest.mark.parametrize(
+    ("backend", "threads", "match"),
+    [
+        ("tflite", None, r"latency backend \(='tflite'\) must be one of \('jax', 'onnxruntime'\)"),
+        ("onnxruntime", 0, r"`threads` \(=0\) must be an integer >= 1"),
+        ("onnxruntime", 1.5, r"`threads` \(=1.5\) must be an integer >= 1"),
+        ("jax", 2, r"`threads` \(=2\) applies to the onnxruntime latency backend only"),
+    ],
+)
+def test_bad_latency_backend_or_threads(backend: str, threads: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        check_threads(backend, threads)
+    with pytest.raises(ValueError, match=match):
+        measure_candidates([tiny()], backend=backend, threads=threads)
+
+
+def test_measure_candidates_on_jax(tiny_arch: Any) -> None:
+    archs = [tiny_arch, dataclasses.replace(tiny_arch, width=0.5)]
+    recs = measure_candidates(archs, backend="jax", rounds=3, iters_per_round=2, warmup=1)
+    assert [r.display_id for r in recs] == [a.display_id for a in archs]
+    for r in recs:
+        assert r.latency_backend == "jax" and r.latency_backend_version == jax.__version__
+        assert r.threads is None and r.model_backend in ("native", "xla")
+        assert r.rounds == 3 and len(r.round_ms) == 3 and r.iters_per_round == 2
+        assert 0 < r.min_ms <= r.p25_ms <= r.latency_ms <= r.p75_ms and r.spread >= 0
+        assert r.device["latency_backend"] == "jax" and r.device["batch_size"] == 1
+        d = r.to_dict()
+        assert json.loads(json.dumps(d)) == d and d["latency_ms"] == r.latency_ms
+
+
+@needs_onnx
+def test_measure_candidates_on_onnxruntime(tiny_arch: Any) -> None:
+    import onnxruntime
+
+    recs = measure_candidates(
+        [tiny_arch], backend="onnxruntime", batch_size=2, rounds=2, iters_per_round=2, warmup=1
+    )
+    (r,) = recs
+    assert r.latency_backend == "onnxruntime" and r.model_backend == "onnx"
+    assert r.latency_backend_version == onnxruntime.__version__
+    assert r.threads == 1 and r.device["threads"] == 1 and r.batch_size == 2
+    assert r.device["latency_backend_version"] == onnxruntime.__version__
+    assert fingerprint_id(r.device) != fingerprint_id(device_fingerprint(batch_size=2))
+    assert 0 < r.min_ms <= r.latency_ms
+    two = latency_backend_record("onnxruntime", 2, 1)
+    assert two["threads"] == 2 and two["device"]["threads"] == 2
+
+
+def test_onnxruntime_latency_without_onnxruntime_says_how_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mobisearch.export import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(
+        MissingExtraError, match=r"onnxruntime is not installed .*mobisearch\[onnx\]"
+    ):
+        measure_candidates([tiny()], backend="onnxruntime")
