@@ -16,16 +16,18 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, serialization
 
 from mobisearch.compile import abstract_state
 from mobisearch.models import abstract_split
+from mobisearch.train import TrainState
 
 if TYPE_CHECKING:
     from mobisearch.arch import ArchSpec
     from mobisearch.models import MobileNet
 
-__all__ = ["load_model", "load_state", "save_state"]
+__all__ = ["load_model", "load_state", "load_train_state", "save_state", "save_train_state"]
 
 
 def save_state(state: Any, path: str | os.PathLike[str]) -> None:
@@ -95,3 +97,37 @@ def load_model(
     model: MobileNet = nnx.merge(graphdef, params, rest)
     model.eval()
     return model
+
+
+def save_train_state(state: TrainState, path: str | os.PathLike[str]) -> None:
+    """Write a whole training run's position (model, optimizer state, step) as msgpack,
+    atomically, so another process can train it on (`load_train_state`)."""
+    leaves = [np.asarray(x) for x in jax.tree.leaves((state.params, state.rest, state.opt_state))]
+    blob = serialization.msgpack_serialize({"step": state.step, "leaves": leaves})
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+    tmp.write_bytes(blob)
+    tmp.replace(path)
+
+
+def load_train_state(path: str | os.PathLike[str], like: tuple[Any, Any, Any]) -> TrainState:
+    """Read a run written by `save_train_state` into the structure of `like` (`(params,
+    rest, opt_state)`, arrays or shapes).
+
+    Raises:
+      ValueError: naming the file when it does not hold a run of that structure.
+    """
+    path = pathlib.Path(path)
+    try:
+        restored = serialization.msgpack_restore(path.read_bytes())
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: not a saved training run ({e})") from None
+    leaves, treedef = jax.tree.flatten(like)
+    saved = restored.get("leaves", []) if isinstance(restored, dict) else []
+    if len(saved) != len(leaves) or any(
+        np.shape(a) != tuple(b.shape) for a, b in zip(saved, leaves, strict=False)
+    ):
+        raise ValueError(f"{path}: the saved run does not fit this architecture and optimizer")
+    params, rest, opt_state = jax.tree.unflatten(treedef, [jnp.asarray(a) for a in saved])
+    return TrainState(params, rest, opt_state, int(restored["step"]))

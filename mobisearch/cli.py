@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -165,16 +166,56 @@ def _load_data(space: SearchSpace, data_dir: str | None) -> Dataset:
     )
 
 
+def _duration(text: str) -> float:
+    """`"15m"`, `"90s"`, `"1h"` or seconds (`"900"`) -> seconds (> 0)."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    number, unit = (text[:-1], units[text[-1]]) if text[-1:] in units else (text, 1.0)
+    try:
+        value = float(number) * unit
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a duration such as 15m, 90s or 1h")
+    return value
+
+
+def _print_plan(space: SearchSpace, args: argparse.Namespace) -> Any:
+    """Print what the budget leaves of the space; return the plan of a grid space (None for
+    a per-stage space, whose candidates are drawn by its sampler)."""
+    from mobisearch import search
+
+    if space.is_grid:
+        plan = search.plan_search(space, max_macs=args.budget, max_params=args.max_params)
+        print(f"{space.path}: {plan.summary()}")
+        for arch, _, why in plan.dropped:
+            print(f"  dropped {arch.display_id}: {why}")
+        return plan
+    from mobisearch.fit import fit_report
+
+    report = fit_report(space, max_macs=args.budget, max_params=args.max_params, seed=0)
+    if report.fitting == 0:
+        raise UsageError(
+            f"{space.path}: none of {report.evaluated:,} sampled candidates fits the budget "
+            f"(max_macs={args.budget}, max_params={args.max_params}); "
+            f"see mobisearch cost --space {space.path} --budget ..."
+        )
+    low, high = (n / report.size for n in report.interval())
+    trials = args.trials or space.search.trials
+    print(
+        f"{space.path}: {space.size():.3g} candidates, about {report.fraction:.1%} within the "
+        f"budget (95% CI {low:.1%}-{high:.1%}, {report.evaluated:,} sampled); drawing "
+        f"{trials} with the {space.search.sampler} sampler; over-budget draws are skipped"
+    )
+    return None
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     """`mobisearch search`: filter by budget, rank the survivors, write the frontier."""
     from mobisearch import search, workers
 
     space = _load_space(args)
-    plan = search.plan_search(space, max_macs=args.budget, max_params=args.max_params)
+    plan = _print_plan(space, args)
     data = _load_data(space, args.data_dir)  # fail on bad data before touching the study
-    print(f"{space.path}: {plan.summary()}")
-    for arch, _, why in plan.dropped:
-        print(f"  dropped {arch.display_id}: {why}")
     out_dir = _out_dir(args, space)
     if not args.storage:  # the default storage lives in it
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -211,16 +252,43 @@ def cmd_search(args: argparse.Namespace) -> int:
         latency_batch=latency_batch,
         backend=args.backend,
     )
-    prepare_process()
-    with _Progress(enabled=not args.quiet) as progress:
-        search.run_search(
-            study,
-            plan,
-            _WithCheckpoint(ranker),
-            on_start=progress.start,
-            on_done=progress.done,
-            heartbeat_s=args.heartbeat_s,
+    if ranker.rungs is not None:
+        fid, steps = ranker.rungs.fidelity, ranker.rungs.plan.steps
+        print(
+            f"rungs: {', '.join(f'{e:g}' for e in fid.rungs)} epochs = "
+            f"{', '.join(map(str, steps))} steps of batch {ranker.rungs.cfg.batch_size}, "
+            f"eta {fid.eta}, promotion: {fid.promotion}"
         )
+    prepare_process()
+    evaluate = _WithCheckpoint(ranker)
+    with _Progress(enabled=not args.quiet, time_budget_s=args.time_budget) as progress:
+        if plan is not None and space.fidelity is None:
+            search.run_search(
+                study,
+                plan,
+                evaluate,
+                on_start=progress.start,
+                on_done=progress.done,
+                heartbeat_s=args.heartbeat_s,
+            )
+        else:
+            from mobisearch.halving import run_halving
+
+            rung_plan = ranker.rungs.plan if ranker.rungs is not None else None
+            run_halving(
+                study,
+                space,
+                evaluate.run_job,
+                max_macs=args.budget,
+                max_params=args.max_params,
+                trials=args.trials,
+                time_budget_s=args.time_budget,
+                rung_steps=rung_plan.steps if rung_plan else (),
+                rung_decay=rung_plan.decay if rung_plan else (),
+                heartbeat_s=args.heartbeat_s,
+                on_start=progress.start_job,
+                on_done=progress.done_job,
+            )
     front = finish_search(study, ranker, out_dir)
     print(_frontier_table(front))
     print(f"wrote {out_dir}/trials.csv, failed_attempts.csv, frontier.json, best.json, pareto.png")
@@ -233,33 +301,39 @@ class _WithCheckpoint:
     def __init__(self, ranker: Any) -> None:
         self.ranker = ranker
 
-    def __call__(self, arch: ArchSpec) -> dict[str, Any]:
+    def _where(self, arch: ArchSpec, metrics: dict[str, Any]) -> dict[str, Any]:
         import socket
 
-        metrics = dict(self.ranker(arch))
         if metrics.get("status") == "ok":
             metrics["checkpoint_host"] = socket.gethostname()
             metrics["checkpoint"] = str(self.ranker.checkpoint_path(arch))
         return metrics
 
+    def __call__(self, arch: ArchSpec) -> dict[str, Any]:
+        return self._where(arch, dict(self.ranker(arch)))
+
+    def run_job(self, job: Any) -> dict[str, Any]:
+        return self._where(job.arch, dict(self.ranker.run_job(job)))
+
 
 def _check_some_finished(study: optuna.Study, plan: Any) -> int:
-    """0 if a candidate of `plan` finished; else 1, with the failures in one line."""
+    """0 if a candidate (of `plan`, if given) finished; else 1, with the failures in one
+    line."""
     from mobisearch import results, search
 
-    keys = {search.job_key(a) for a, _ in plan.kept}
+    keys = None if plan is None else {search.job_key(a) for a, _ in plan.kept}
     mine = [
         r
         for r in results.candidate_records(results.trial_records(study))
-        if r.get("job_key") in keys
+        if keys is None or results.candidate_key(r) in keys
     ]
     if any(r["state"] == "COMPLETE" for r in mine):
         return 0
     first = next((r for r in mine if r.get("reason")), None)
     detail = f"; {first['display_id']}: {first.get('status')}: {first['reason']}" if first else ""
+    total = len(keys) if keys is not None else len(mine)
     print(
-        f"mobisearch search: error: no candidate finished ({len(mine)} of {len(keys)} "
-        f"failed){detail}",
+        f"mobisearch search: error: no candidate finished ({len(mine)} of {total} failed){detail}",
         file=sys.stderr,
     )
     return 1
@@ -292,11 +366,20 @@ def finish_search(study: optuna.Study, ranker: Any, out_dir: pathlib.Path) -> li
                 f"{r['display_id']}: no test accuracy yet; its checkpoint is on {host} "
                 "(rerun this search there to add it)"
             )
+    noise = results.seed_spread(records)
+    if noise is not None:
+        front = results.mark_indistinct(front, noise["spread"])
+        print(
+            f"seed-to-seed spread of the first rung's validation accuracy: "
+            f"{noise['spread']:.4f} ({noise['n']} candidates trained with two seeds)"
+        )
     by_key = {results.candidate_key(r): r for r in front}
     candidates = [by_key.get(results.candidate_key(r), r) for r in candidates]
     results.write_trials_csv(candidates, out_dir / "trials.csv")
     results.write_failed_csv(records, out_dir / "failed_attempts.csv")
     results.write_frontier_json(front, out_dir / "frontier.json")
+    if noise is not None:
+        results.write_atomic(out_dir / "noise.json", json.dumps(noise, indent=2) + "\n")
     if front:
         results.export_best(results.best_record(candidates), out_dir / "best.json")
     _plot(study, candidates, out_dir / "pareto.png")
@@ -340,20 +423,23 @@ def _device_name(fp: dict[str, Any]) -> str:
 
 
 def _frontier_table(front: list[dict]) -> str:
-    rows = [f"{'frontier':<22}{'MACs':>12}{'val acc':>9}{'test acc':>9}{'latency ms':>12}"]
+    w = max([22, *(len(r["display_id"]) + 2 for r in front)])
+    rows = [f"{'frontier':<{w}}{'MACs':>12}{'val acc':>9}{'test acc':>9}{'latency ms':>12}"]
     for r in front:
         rows.append(
-            f"{r['display_id']:<22}{format_count(r['macs']):>12}{r['val_accuracy']:>9.4f}"
+            f"{r['display_id']:<{w}}{format_count(r['macs']):>12}{r['val_accuracy']:>9.4f}"
             f"{r.get('test_accuracy') or float('nan'):>9.4f}{r['latency_ms']:>12.3f}"
         )
     return "\n".join(rows)
 
 
 class _Progress:
-    """tqdm progress bar: candidates done / total, current candidate, elapsed, ETA, best."""
+    """tqdm progress bar: jobs done / total, the current candidate (and rung), elapsed, time
+    left, best validation accuracy so far."""
 
-    def __init__(self, *, enabled: bool) -> None:
+    def __init__(self, *, enabled: bool, time_budget_s: float | None = None) -> None:
         self.enabled, self.best = enabled, float("nan")
+        self.time_budget_s = time_budget_s
         self.bar: Any = None
 
     def __enter__(self) -> _Progress:
@@ -363,14 +449,17 @@ class _Progress:
         if self.bar is not None:
             self.bar.close()
 
-    def start(self, arch: ArchSpec, done: int, total: int) -> None:
+    def start(self, arch: ArchSpec, done: int, total: int, label: str = "") -> None:
         if not self.enabled:
             return
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=done, unit="cand", dynamic_ncols=True)
-        self.bar.set_description(arch.display_id)
+            self.bar = tqdm(total=total, initial=done, unit="job", dynamic_ncols=True)
+        elif total > self.bar.total:
+            self.bar.total = total
+            self.bar.refresh()
+        self.bar.set_description(f"{arch.display_id}{label}")
 
     def done(self, arch: ArchSpec, metrics: Any) -> None:
         if metrics.get("status") != "ok":
@@ -383,8 +472,20 @@ class _Progress:
         if acc == acc and not (self.best >= acc):
             self.best = acc
         if self.bar is not None:
-            self.bar.set_postfix(best_val_acc=f"{self.best:.4f}", last=metrics.get("status"))
+            postfix = {"best_val_acc": f"{self.best:.4f}", "last": metrics.get("status")}
+            if self.time_budget_s is not None:
+                left = self.time_budget_s - self.bar.format_dict["elapsed"]
+                postfix["time_left"] = f"{max(left, 0) / 60:.1f}m"
+            self.bar.set_postfix(postfix)
             self.bar.update(1)
+
+    def start_job(self, job: Any, done: int, total: int) -> None:
+        rung = f" rung {job.rung}" + (" (another seed)" if job.role == "noise" else "")
+        base = self.bar.n if self.bar is not None else 0
+        self.start(job.arch, base, base + max(total - done, 1), rung)
+
+    def done_job(self, job: Any, metrics: Any) -> None:
+        self.done(job.arch, metrics)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -586,6 +687,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between this worker's heartbeats; a worker silent for "
         f"{GRACE_BEATS} beats is taken for dead and its candidate retried "
         f"(default {DEFAULT_HEARTBEAT_S})",
+    )
+    p.add_argument(
+        "--trials",
+        type=_positive_int,
+        help="candidates drawn at the first rung of a per-stage space (default: its "
+        "[search] trials); a grid space trains all of its candidates",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=_duration,
+        help="wall-clock limit of this worker, e.g. 15m: the rungs share it in proportion "
+        "to their compute, and the first rung stops drawing candidates when its share is spent",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_search)

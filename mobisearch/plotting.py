@@ -68,6 +68,10 @@ class FrontierInfo(NamedTuple):
     ylabel: str
     colorlabel: str
     title: str
+    rung: np.ndarray | None = None
+
+
+_RUNG_MARKERS = ("o", "s", "^", "D", "v")
 
 
 def _as_number(value: Any, where: str) -> float:
@@ -140,6 +144,7 @@ def frontier_info(
     xs: list[float] = []
     ys: list[float] = []
     cs: list[float] = []
+    rungs: list[float] = []
     kept: list[Mapping[str, Any]] = []
     for i, rec in enumerate(records):
         xv = _as_number(rec.get(x), f"records[{i}][{x!r}]")
@@ -155,6 +160,7 @@ def frontier_info(
         xs.append(xv)
         ys.append(yv)
         cs.append(_as_number(rec.get(color), f"records[{i}][{color!r}]"))
+        rungs.append(_as_number(rec.get("rung"), f"records[{i}]['rung']"))
         kept.append(rec)
 
     x_arr = np.asarray(xs, dtype=np.float64)
@@ -171,6 +177,7 @@ def frontier_info(
         ylabel=_label(y, batch_size),
         colorlabel=_label(color, batch_size),
         title=title,
+        rung=np.asarray(rungs, dtype=np.float64) if any(r == r for r in rungs) else None,
     )
 
 
@@ -233,15 +240,26 @@ def plot_frontier(
 
     has_color = ~np.isnan(info.color)
     if has_color.any():
-        points = ax.scatter(
-            info.x[has_color],
-            info.y[has_color],
-            c=info.color[has_color],
-            cmap="viridis",
-            s=28,
-            alpha=0.85,
-            zorder=2,
-        )
+        # In a multi-fidelity search the marker says the highest rung a candidate reached.
+        rung = info.rung if info.rung is not None else np.zeros(len(info.x))
+        points: Any = None
+        for r in np.unique(rung[has_color]):
+            at = has_color & (rung == r)
+            points = ax.scatter(
+                info.x[at],
+                info.y[at],
+                c=info.color[at],
+                cmap="viridis",
+                vmin=np.nanmin(info.color),
+                vmax=np.nanmax(info.color),
+                marker=_RUNG_MARKERS[int(r) % len(_RUNG_MARKERS)] if r == r else "o",
+                s=28 + 14 * (int(r) if r == r else 0),
+                alpha=0.85,
+                zorder=2,
+                label=f"rung {int(r)}" if info.rung is not None and r == r else None,
+            )
+        if info.rung is not None:
+            ax.legend(loc="lower right", fontsize=8, title="highest rung")
         colorbar = fig.colorbar(points, ax=ax, label=info.colorlabel)
         if np.nanmax(np.abs(info.color)) >= 1e4:
             # MACs and params read better as "150M" than as 1.5 with a "1e8" offset.

@@ -20,11 +20,13 @@ from mobisearch.arch import ArchSpec
 from mobisearch.checkpoint import load_state, save_state
 from mobisearch.compile import compiled_forward, precompile_forward
 from mobisearch.data import image_mean_std
+from mobisearch.fidelity import RungTrainer
 from mobisearch.latency import device_fingerprint, measure_latency
 from mobisearch.train import evaluate, prepare_recipe, train_and_evaluate
 
 if TYPE_CHECKING:
     from mobisearch.data import Dataset
+    from mobisearch.halving import Job
     from mobisearch.space import SearchSpace
 
 
@@ -82,6 +84,17 @@ class Ranker:
         self.latency_batch = latency_batch or space.latency.batch_size
         self.backend = ops.check_backend(backend or ops.default_backend())
         self.stats = image_mean_std(data.x_train)
+        self.rungs: RungTrainer | None = None
+        if space.fidelity is not None:
+            self.rungs = RungTrainer(
+                space.fidelity,
+                space.train,
+                data,
+                backend=self.backend,
+                checkpoint_dir=self.checkpoint_dir,
+                stats=self.stats,
+            )
+            self.train_cfg = self.rungs.cfg
         prepare_recipe(self.train_cfg, self.backend)  # shared by every candidate
 
     def checkpoint_path(self, arch: ArchSpec) -> pathlib.Path:
@@ -111,16 +124,50 @@ class Ranker:
             return metrics
         metrics["val_accuracy"] = result.val_accuracy
         metrics["val_loss"] = result.val_loss
+        metrics |= self._latency(arch, result.state)
+        save_state(result.state, self.checkpoint_path(arch))
+        return metrics
+
+    def _latency(self, arch: ArchSpec, state: Any) -> dict[str, Any]:
         lat = self.space.latency
-        metrics |= model_latency(
+        return model_latency(
             arch,
-            result.state,
+            state,
             batch_size=self.latency_batch,
             warmup=lat.warmup,
             iters=lat.iters,
             backend=self.backend,
         )
-        save_state(result.state, self.checkpoint_path(arch))
+
+    def run_job(self, job: Job) -> dict[str, Any]:
+        """Evaluate one job of a sampled or multi-fidelity search
+        (`mobisearch.halving.run_halving`): train the candidate to its rung (with its
+        seed), score it, measure its latency unless a lower rung did, and save the scored
+        state (but not a noise re-run's)."""
+        if self.rungs is None:
+            return self(job.arch)
+        if job.latency is None:
+            precompile_forward(job.arch, self.backend, batch=self.latency_batch)
+        result = self.rungs.train_rung(job.arch, job.rung, seed=job.seed)
+        metrics: dict[str, Any] = {
+            "status": result.status,
+            "reason": result.reason,
+            "seed": job.seed,
+            "rung": job.rung,
+            "steps": result.steps,
+            "resumed_from": result.resumed_from,
+            "compile_s": result.compile_s,
+            "train_s": result.train_s,
+            "backend": self.backend,
+            "device": device_fingerprint(self.latency_batch),
+        }
+        if result.status != "ok":
+            return metrics
+        metrics["val_accuracy"] = result.val_accuracy
+        metrics["val_loss"] = result.val_loss
+        metrics |= dict(job.latency) if job.latency else self._latency(job.arch, result.state)
+        if job.role == "rung":
+            save_state(result.state, self.checkpoint_path(job.arch))
         return metrics
 
     def test_accuracy(self, arch: ArchSpec) -> float:

@@ -55,6 +55,7 @@ CSV_COLUMNS = (
     "compile_s",
     "train_s",
     "steps",
+    "rung",
     "seed",
     "attempts",
     "worker",
@@ -119,8 +120,9 @@ TEST_ACCURACY_PREFIX = "test_accuracy/"
 
 
 def candidate_key(record: Mapping[str, Any]) -> str:
-    """A record's candidate: its job key (its display id in studies from before job keys)."""
-    return str(record.get("job_key") or record.get("display_id"))
+    """A record's candidate: its network's key (`candidate_key`, in searches with rungs),
+    else its job key, else its display id (studies from before job keys)."""
+    return str(record.get("candidate_key") or record.get("job_key") or record.get("display_id"))
 
 
 def trial_records(study: optuna.Study) -> list[Record]:
@@ -154,19 +156,76 @@ def trial_records(study: optuna.Study) -> list[Record]:
 
 
 def candidate_records(records: Sequence[Mapping[str, Any]]) -> list[Record]:
-    """One record per candidate: its COMPLETE attempt, else its latest; with `attempts`.
+    """One record per candidate: its COMPLETE attempt at the highest rung it reached, else
+    its latest attempt; with `attempts` (every trial of it) and `rungs` (the rungs it
+    finished). Re-runs with another seed (`role = "noise"`) are left out.
 
     Ordered by the first trial of each candidate.
     """
     by_key: dict[str, list[Mapping[str, Any]]] = {}
     for r in sorted(records, key=lambda r: r["number"]):
-        by_key.setdefault(candidate_key(r), []).append(r)
+        if r.get("role", "rung") == "rung":
+            by_key.setdefault(candidate_key(r), []).append(r)
     out = []
     for attempts in by_key.values():
         complete = [r for r in attempts if r.get("state") == "COMPLETE"]
-        chosen = dict(complete[0] if complete else attempts[-1])
+        best = max(complete, key=lambda r: (r.get("rung", 0), -r["number"]), default=None)
+        chosen = dict(best if best is not None else attempts[-1])
         chosen["attempts"] = len(attempts)
+        chosen["rungs"] = sorted({r.get("rung", 0) for r in complete})
         out.append(chosen)
+    return out
+
+
+def seed_spread(records: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The seed-to-seed spread of the first rung's validation accuracy, from the re-runs
+    with another seed (`role = "noise"`) and their first runs: the standard deviation of a
+    single run's score, `sqrt(mean(d²) / 2)` over the pairs' differences `d`. None
+    without a pair.
+
+    Examples:
+      >>> base = {"state": "COMPLETE", "rung": 0, "candidate_key": "a", "val_accuracy": 0.80}
+      >>> again = dict(base, role="noise", val_accuracy=0.82)
+      >>> round(seed_spread([base, again])["spread"], 4)
+      0.0141
+    """
+    first = {
+        candidate_key(r): r
+        for r in records
+        if r.get("state") == "COMPLETE"
+        and r.get("rung", 0) == 0
+        and r.get("role", "rung") == "rung"
+    }
+    pairs = []
+    for r in records:
+        base = first.get(candidate_key(r))
+        if r.get("role") == "noise" and r.get("state") == "COMPLETE" and base is not None:
+            pairs.append((base["display_id"] if "display_id" in base else candidate_key(r),
+                          float(base["val_accuracy"]), float(r["val_accuracy"])))  # fmt: skip
+    if not pairs:
+        return None
+    d = np.array([b - a for _, a, b in pairs])
+    return {
+        "n": len(pairs),
+        "spread": float(np.sqrt(np.mean(d**2) / 2)),
+        "max_abs_difference": float(np.max(np.abs(d))),
+        "pairs": [{"display_id": i, "seed_a": a, "seed_b": b} for i, a, b in pairs],
+    }
+
+
+def mark_indistinct(front: Sequence[Mapping[str, Any]], spread: float) -> list[Record]:
+    """The frontier (sorted by latency), each member marked `distinct = False` (and
+    `indistinct_from`, the faster neighbour) when its validation accuracy is within
+    `spread` of the next faster member's: the seeds' noise alone could swap them."""
+    out = []
+    for i, r in enumerate(front):
+        r = dict(r)
+        if i > 0 and abs(r["val_accuracy"] - front[i - 1]["val_accuracy"]) <= spread:
+            r["distinct"] = False
+            r["indistinct_from"] = front[i - 1]["display_id"]
+        else:
+            r["distinct"] = True
+        out.append(r)
     return out
 
 

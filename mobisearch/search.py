@@ -306,11 +306,11 @@ def _fail(study: optuna.Study, trial_id: int, status: str, reason: str) -> bool:
     return True
 
 
-def _fail_orphans(study: optuna.Study, claim: Claim) -> None:
-    """Fail the job's RUNNING trials: their workers no longer hold its claim."""
+def _fail_orphans(study: optuna.Study, claim: Claim, keep: int | None = None) -> None:
+    """Fail the job's RUNNING trials (but `keep`): their workers no longer hold its claim."""
     job = _jobs(study).get(claim.key, _Job())
     for t in job.trials:
-        if t.state == TrialState.RUNNING:
+        if t.state == TrialState.RUNNING and t._trial_id != keep:
             who = t.user_attrs.get("worker", claim.took_over or "an earlier worker")
             _fail(study, t._trial_id, "interrupted", f"worker {who} stopped while running it")
 
@@ -321,6 +321,64 @@ def _create_trial(study: optuna.Study, attrs: Mapping[str, Any]) -> optuna.Trial
     # NOTE: optuna's public add_trial returns nothing; its storage call gives the id.
     trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
     return optuna.trial.Trial(study, trial_id)
+
+
+def run_claimed(
+    study: optuna.Study,
+    claims: Claims,
+    claim: Claim,
+    attrs: Mapping[str, Any],
+    evaluate: Callable[[], Mapping[str, Any]],
+    heartbeat_s: float,
+    *,
+    trial: optuna.Trial | None = None,
+) -> dict[str, Any] | None:
+    """Run one claimed job: fail its orphans, then (unless done) evaluate and tell.
+
+    Args:
+      attrs: the trial's attributes (with `job_key`), written before the evaluation.
+      evaluate: `() -> metrics` (`status`, and `val_accuracy` and `latency_ms` if ok).
+      trial: a RUNNING trial to use (one a sampler proposed); by default a new trial is
+        created with all of `attrs` in one write.
+
+    Returns:
+      The metrics, or None if the job was done already (then `trial` is failed as a
+      duplicate) or the claim was taken over while it ran.
+    """
+    with Heartbeat(claims, claim, heartbeat_s, study._storage) as heartbeat:
+        _fail_orphans(study, claim, keep=None if trial is None else trial._trial_id)
+        job = _jobs(study).get(claim.key, _Job())
+        if job.done:
+            if trial is not None:
+                _fail(study, trial._trial_id, "duplicate", "this network was trained already")
+            return None
+        full = {**attrs, "worker": worker_id(), "attempt": len(job.trials) + 1}
+        if trial is None:
+            trial = _create_trial(study, full)
+        else:
+            for key, value in full.items():
+                study._storage.set_trial_user_attr(trial._trial_id, key, value)
+        heartbeat.watch(trial._trial_id)
+        try:
+            try:
+                metrics = dict(evaluate())
+            except Exception as e:  # noqa: BLE001 (recorded, and the search goes on)
+                metrics = {"status": "error", "reason": f"{type(e).__name__}: {e}"}
+            try:
+                for key, value in metrics.items():
+                    trial.set_user_attr(key, value)
+                # skip_if_finished: a new holder may have failed it (see the except below).
+                if metrics.get("status") == "ok":
+                    values = [metrics["val_accuracy"], metrics["latency_ms"]]
+                    study.tell(trial, values=values, skip_if_finished=True)
+                else:
+                    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                return None  # our claim went stale and the job was taken over
+        except KeyboardInterrupt:
+            _fail(study, trial._trial_id, "interrupted", "KeyboardInterrupt")
+            raise
+    return metrics
 
 
 def _run_job(
@@ -335,41 +393,15 @@ def _run_job(
     on_start: Callable[[ArchSpec, int, int], None] | None,
     on_done: Callable[[ArchSpec, Mapping[str, Any]], None] | None,
 ) -> None:
-    """Run one claimed job: fail its orphans, then (unless done) create, evaluate, tell."""
-    with Heartbeat(claims, claim, heartbeat_s, study._storage) as heartbeat:
-        _fail_orphans(study, claim)
-        job = _jobs(study).get(claim.key, _Job())
-        if job.done:
-            return
-        attrs = {
-            **cost_attrs(arch, cost),
-            "worker": worker_id(),
-            "attempt": len(job.trials) + 1,
-        }
-        trial = _create_trial(study, attrs)
-        heartbeat.watch(trial._trial_id)
-        try:
-            if on_start is not None:
-                on_start(arch, *progress)
-            try:
-                metrics = dict(evaluate(arch))
-            except Exception as e:  # noqa: BLE001 (recorded, and the search goes on)
-                metrics = {"status": "error", "reason": f"{type(e).__name__}: {e}"}
-            try:
-                for key, value in metrics.items():
-                    trial.set_user_attr(key, value)
-                # skip_if_finished: a new holder may have failed it (see the except below).
-                if metrics.get("status") == "ok":
-                    values = [metrics["val_accuracy"], metrics["latency_ms"]]
-                    study.tell(trial, values=values, skip_if_finished=True)
-                else:
-                    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                return  # our claim went stale and the job was taken over: its holder decides
-        except KeyboardInterrupt:
-            _fail(study, trial._trial_id, "interrupted", "KeyboardInterrupt")
-            raise
-    if on_done is not None:
+    """Run one claimed candidate of a plain search (see `run_claimed`)."""
+
+    def run() -> Mapping[str, Any]:
+        if on_start is not None:
+            on_start(arch, *progress)
+        return evaluate(arch)
+
+    metrics = run_claimed(study, claims, claim, cost_attrs(arch, cost), run, heartbeat_s)
+    if metrics is not None and on_done is not None:
         on_done(arch, metrics)
 
 
