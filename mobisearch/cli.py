@@ -7,7 +7,6 @@ file, bad TOML, a bad value) ends with exit status 2 and a one-line message, no 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import pathlib
@@ -540,9 +539,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     inline_cpu_dispatch()  # before the first JAX computation
 
-    steps = max(1, args.epochs * len(data.x_train) // space.train.batch_size)
-    cfg = dataclasses.replace(space.train, steps=steps, warmup_steps=min(steps // 20, 500))
-    print(f"training {arch.display_id} for {args.epochs} epochs ({steps} steps) on {data.name}")
+    from mobisearch.train import full_recipe
+
+    cfg = full_recipe(space.train, epochs=args.epochs, n_train=len(data.x_train))
+    steps = cfg.steps
+    print(
+        f"training {arch.display_id} for {args.epochs} epochs ({steps} steps of batch "
+        f"{cfg.batch_size}, {cfg.optimizer} at {cfg.learning_rate:g}, warmup {cfg.warmup_steps}, "
+        f"cosine decay) on {data.name}"
+    )
     result = train_and_evaluate(arch, cfg, data, seed=args.seed)
     if result.status != "ok":
         raise UsageError(f"training {arch.display_id} failed: {result.reason}")

@@ -40,6 +40,7 @@ __all__ = [
     "batch_indices",
     "evaluate",
     "fresh_split",
+    "full_recipe",
     "prepare_images",
     "prepare_recipe",
     "start_training",
@@ -90,6 +91,24 @@ def prepare_recipe(cfg: TrainConfig, backend: str | None = None) -> None:
     backend = backend or ops.default_backend()
     optim.recipe_rates(cfg)
     optim.make_optimizer(cfg, backend=backend)
+
+
+def full_recipe(cfg: TrainConfig, *, epochs: int, n_train: int) -> TrainConfig:
+    """The full-training recipe of `mobisearch train`: the space's optimizer, peak learning
+    rate, batch size, weight decay and label smoothing, for `epochs` passes over `n_train`
+    images, with a linear warmup over the first 5% of the steps (at most 500) and a cosine
+    decay to 1% of the peak; no data augmentation.
+
+    Examples:
+      >>> from mobisearch.config import TrainConfig
+      >>> r = full_recipe(TrainConfig(steps=100, schedule="wsd"), epochs=10, n_train=55_000)
+      >>> r.steps, r.warmup_steps, r.schedule
+      (4296, 214, 'warmup_cosine')
+    """
+    steps = max(1, epochs * n_train // cfg.batch_size)
+    return dataclasses.replace(
+        cfg, steps=steps, warmup_steps=min(steps // 20, 500), schedule="warmup_cosine"
+    )
 
 
 def fresh_split(
