@@ -365,24 +365,80 @@ def finish_search(study: optuna.Study, ranker: Any, out_dir: pathlib.Path) -> li
                 f"{r['display_id']}: no test accuracy yet; its checkpoint is on {host} "
                 "(rerun this search there to add it)"
             )
-    noise = results.seed_spread(records)
-    if noise is not None:
-        front = results.mark_indistinct(front, noise["spread"])
+    noise: dict[str, Any] = {}
+    seeds = results.seed_spread(records)
+    if seeds is not None:
+        noise["validation_accuracy"] = seeds
+        front = results.mark_indistinct(front, seeds["spread"])
         print(
             f"seed-to-seed spread of the first rung's validation accuracy: "
-            f"{noise['spread']:.4f} ({noise['n']} candidates trained with two seeds)"
+            f"{seeds['spread']:.4f} ({seeds['n']} candidates trained with two seeds)"
+        )
+    if len(front) >= 2:
+        noise["latency"] = _latency_noise(front, ranker)
+        lat = noise["latency"]
+        print(
+            f"latency of the frontier measured twice more, interleaved: median spread "
+            f"{lat['median_spread']:.1%}, Kendall tau between the two {lat['kendall_tau']:.2f}, "
+            f"against the search's {lat['kendall_tau_vs_search']:.2f}"
         )
     by_key = {results.candidate_key(r): r for r in front}
     candidates = [by_key.get(results.candidate_key(r), r) for r in candidates]
     results.write_trials_csv(candidates, out_dir / "trials.csv")
     results.write_failed_csv(records, out_dir / "failed_attempts.csv")
     results.write_frontier_json(front, out_dir / "frontier.json")
-    if noise is not None:
+    if noise:
         results.write_atomic(out_dir / "noise.json", json.dumps(noise, indent=2) + "\n")
     if front:
         results.export_best(results.best_record(candidates), out_dir / "best.json")
     _plot(study, candidates, out_dir / "pareto.png")
     return front
+
+
+def _latency_noise(front: list[dict], ranker: Any) -> dict[str, Any]:
+    """Measure the frontier's latency twice more, each time all members interleaved
+    (`mobisearch.latency.measure_candidates`, other visiting orders): the spread of each
+    member's repeated calls, and whether the order holds between the two measurements and
+    against the search's own."""
+    from mobisearch.latency import kendall_tau, measure_candidates
+
+    archs = [ArchSpec.from_dict(r["arch"], source=r["display_id"]) for r in front]
+    runs = [
+        measure_candidates(
+            archs,
+            backend="jax",
+            batch_size=ranker.latency_batch,
+            rounds=10,
+            iters_per_round=5,
+            warmup=5,
+            seed=seed,
+            model_backend=ranker.backend,
+        )
+        for seed in (1, 2)
+    ]
+    a, b = ([m.latency_ms for m in run] for run in runs)
+    search = [r["latency_ms"] for r in front]
+
+    def tau(x: list[float], y: list[float]) -> float:
+        try:
+            return kendall_tau(x, y)
+        except ValueError:  # all equal: no order to compare
+            return math.nan
+
+    return {
+        "members": [
+            {
+                "display_id": r["display_id"],
+                "search_ms": r["latency_ms"],
+                "again_ms": [x, y],
+                "spread": m.spread,
+            }  # fmt: skip
+            for r, x, y, m in zip(front, a, b, runs[0], strict=True)
+        ],
+        "median_spread": float(sorted(m.spread for m in runs[0])[len(front) // 2]),
+        "kendall_tau": tau(a, b),
+        "kendall_tau_vs_search": tau(search, a),
+    }
 
 
 def _plot(study: optuna.Study, records: list[dict], path: pathlib.Path) -> pathlib.Path:

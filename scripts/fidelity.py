@@ -1,0 +1,183 @@
+"""How well a search's scores rank candidates against full training: Kendall τ and Spearman.
+
+Usage:
+    python scripts/fidelity.py --storage sqlite:///results/fashion_mnist_stages/study.db \
+        --candidates 12 --epochs 10
+
+Takes the `--candidates` best candidates of a finished multi-fidelity search (by
+non-dominated sorting of the scores and latencies the search ranked them by: the frontier
+first, then the fronts behind it), and for each of them:
+
+1. trains it fully with `mobisearch train --config <arch> --epochs E` (a subprocess, the
+   documented full-training recipe) and reads its test accuracy: the ground truth;
+2. scores it with every proxy on the same data: the old 100-step recipe of
+   `search_spaces/fashion_mnist.toml` (cosine decay within 100 steps), each rung of the
+   search's multi-fidelity run with the learning rate decayed (`continue`: rungs on one
+   run; `restart`: the last rung trained from scratch), and each rung's stable-phase
+   state before its decay branch (the same run, not decayed);
+3. and records the search's own final score (its highest rung).
+
+Writes `<out>/fidelity.csv` (a row per candidate) and `<out>/fidelity.json` (`n`,
+`kendall_tau` and `spearman` of the search's final score against the full-training test
+accuracy, and the same for every proxy, with the seconds each proxy cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from mobisearch.runtime import inline_cpu_dispatch
+
+inline_cpu_dispatch()
+
+from mobisearch import results  # noqa: E402
+from mobisearch.arch import ArchSpec  # noqa: E402
+from mobisearch.cli import _load_data  # noqa: E402
+from mobisearch.compile import compile_forward  # noqa: E402
+from mobisearch.fidelity import RungTrainer  # noqa: E402
+from mobisearch.latency import device_fingerprint  # noqa: E402
+from mobisearch.pareto import rank_points  # noqa: E402
+from mobisearch.space import load_space, resolve_space_path  # noqa: E402
+from mobisearch.train import _evaluate, prepare_images, train_and_evaluate  # noqa: E402
+
+
+def pick(study_records: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The `n` best candidates: the frontier, then the fronts behind it."""
+    ok = [r for r in results.candidate_records(study_records) if r["state"] == "COMPLETE"]
+    values = np.array([[r["val_accuracy"], r["latency_ms"]] for r in ok])
+    order = rank_points(values, ["maximize", "minimize"])
+    return [ok[i] for i in order[:n]]
+
+
+def full_training(arch: ArchSpec, space_path: str, epochs: int, seed: int) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"arch": arch.to_dict()}, f)
+    command = [
+        sys.executable, "-m", "mobisearch.cli", "train", "--config", f.name, "--space",
+        space_path, "--epochs", str(epochs), "--seed", str(seed), "--json",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    os.unlink(f.name)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def correlation(score: list[float], truth: list[float]) -> dict[str, float]:
+    tau = stats.kendalltau(score, truth)
+    rho = stats.spearmanr(score, truth)
+    return {
+        "kendall_tau": round(float(tau.statistic), 4),
+        "kendall_p": float(tau.pvalue),
+        "spearman": round(float(rho.statistic), 4),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--storage", required=True)
+    parser.add_argument("--study-name")
+    parser.add_argument("--space", default="fashion_mnist_stages")
+    parser.add_argument("--proxy-space", default="fashion_mnist")
+    parser.add_argument("--candidates", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--out-dir", type=Path, default=Path("results/fidelity"))
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+
+    study = results.load_study(args.storage, args.study_name)
+    picked = pick(results.trial_records(study), args.candidates)
+    space = load_space(resolve_space_path(args.space))
+    proxy_space = load_space(resolve_space_path(args.proxy_space))
+    assert space.train is not None and space.fidelity is not None and proxy_space.train
+    data = _load_data(space, None)
+    stats_ = None
+    rows: list[dict[str, Any]] = []
+    for i, rec in enumerate(picked):
+        arch = ArchSpec.from_dict(rec["arch"], source=f"trial {rec['number']}")
+        print(f"[{i + 1}/{len(picked)}] {arch.display_id}", flush=True)
+        row: dict[str, Any] = {
+            "display_id": arch.display_id,
+            "macs": rec["macs"],
+            "params": rec["params"],
+            "latency_ms": rec["latency_ms"],
+            "search_rung": rec.get("rung", 0),
+            "search_score": rec["val_accuracy"],
+        }
+        t0 = time.perf_counter()
+        proxy = train_and_evaluate(arch, proxy_space.train, data, seed=0)
+        row["proxy100_score"], row["proxy100_s"] = proxy.val_accuracy, time.perf_counter() - t0
+        for mode in ("continue", "restart"):
+            fid = dataclasses.replace(space.fidelity, promotion=mode)
+            with tempfile.TemporaryDirectory() as ckpt:
+                trainer = RungTrainer(fid, space.train, data, checkpoint_dir=ckpt)
+                stats_ = trainer.stats
+                rungs = range(len(fid.rungs)) if mode == "continue" else [len(fid.rungs) - 1]
+                spent = 0.0
+                for r in rungs:
+                    t0 = time.perf_counter()
+                    res = trainer.train_rung(arch, r, seed=0)
+                    spent += time.perf_counter() - t0
+                    row[f"{mode}_rung{r}_score"] = res.val_accuracy
+                    row[f"{mode}_rung{r}_s"] = spent
+                    if mode == "continue":
+                        # The stable-phase state this rung branched from, scored undecayed.
+                        stable = trainer._stable_state(arch, 0, r)
+                        assert stable is not None
+                        x_val = prepare_images(data.x_val, arch.resolution, stats_)
+                        n = min(space.train.eval_batch_size, len(x_val))
+                        fwd = compile_forward(arch, trainer.backend, n)
+                        row[f"stable_rung{r}_score"] = _evaluate(
+                            fwd, n, (stable.params, stable.rest), x_val, data.y_val
+                        )[0]
+        full = full_training(arch, space.path, args.epochs, seed=0)
+        row["full_test_accuracy"], row["full_val_accuracy"] = (
+            full["test_accuracy"],
+            full["val_accuracy"],
+        )
+        row["full_train_s"] = full["train_s"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    truth = [r["full_test_accuracy"] for r in rows]
+    summary: dict[str, Any] = {
+        "command": command,
+        "n": len(rows),
+        "epochs": args.epochs,
+        "machine": device_fingerprint(1)["processor"],
+        **correlation([r["search_score"] for r in rows], truth),
+        "proxies": {},
+    }
+    for key in rows[0]:
+        if key.endswith("_score") and key != "search_score":
+            name = key.removesuffix("_score")
+            cost = np.mean([r.get(f"{name}_s", np.nan) for r in rows])
+            summary["proxies"][name] = {
+                **correlation([r[key] for r in rows], truth),
+                "mean_seconds": None if np.isnan(cost) else round(float(cost), 1),
+            }
+    summary["wall_s"] = round(time.perf_counter() - start, 1)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    with (args.out_dir / "fidelity.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (args.out_dir / "fidelity.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
