@@ -28,9 +28,12 @@ candidate (untrained weights serve: weights do not change latency):
 To be stable enough to rank on a shared machine, every candidate is warmed up, then
 measured in `rounds` rounds; each round visits the candidates in a fresh seeded order
 (round-robin, so a burst of load hits all of them rather than one) and times
-`iters_per_round` calls of each after one untimed call. A candidate's latency is the
-median of its per-round medians; the quartiles of the per-round medians give its spread.
-Each record carries the backend, its version, the threads and the device fingerprint.
+`iters_per_round` calls of each after one untimed call. A candidate's latency is the lower
+quartile (`quantile`, 25%) of all its timed calls: other processes only ever add time to a
+call, so a low quantile tracks the candidate's own cost while the median moves with the
+load (measured in results/latency/). Its spread is the interquartile range of the same
+quantile taken round by round. Each record carries the backend, its version, the threads
+and the device fingerprint.
 
 Examples:
     >>> lat = Latency.from_times_s([0.002, 0.001, 0.003], batch_size=1)
@@ -348,11 +351,13 @@ class CandidateLatency:
 
     Attributes:
         display_id: the candidate's display id.
-        latency_ms: median of the per-round medians (the figure to rank by).
-        p25_ms: first quartile of the per-round medians.
-        p75_ms: third quartile of the per-round medians.
-        min_ms: fastest single call.
-        round_ms: the per-round medians, in round order.
+        latency_ms: the `quantile` of all timed calls (the figure to rank by).
+        round_p25_ms: first quartile of `round_ms`.
+        round_p75_ms: third quartile of `round_ms`.
+        median_ms: median of all timed calls (what a call took under the load of the time).
+        min_ms: fastest call.
+        round_ms: the `quantile` of each round's calls, in round order.
+        quantile: the quantile, in percent (25: the lower quartile).
         rounds: number of rounds.
         iters_per_round: timed calls per round.
         batch_size: images per call.
@@ -366,10 +371,12 @@ class CandidateLatency:
 
     display_id: str
     latency_ms: float
-    p25_ms: float
-    p75_ms: float
+    round_p25_ms: float
+    round_p75_ms: float
+    median_ms: float
     min_ms: float
     round_ms: tuple[float, ...]
+    quantile: float
     rounds: int
     iters_per_round: int
     batch_size: int
@@ -381,8 +388,10 @@ class CandidateLatency:
 
     @property
     def spread(self) -> float:
-        """Interquartile range of the per-round medians over the latency, e.g. 0.05 = 5%."""
-        return (self.p75_ms - self.p25_ms) / self.latency_ms if self.latency_ms else 0.0
+        """Interquartile range of `round_ms` over the latency, e.g. 0.05 = 5%."""
+        return (
+            (self.round_p75_ms - self.round_p25_ms) / self.latency_ms if self.latency_ms else 0.0
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (round_ms as a list), keys as a trial stores them."""
@@ -449,34 +458,48 @@ def measure_round_robin(
     return times_s
 
 
-def summarise_rounds(times_s: Sequence[Sequence[float]]) -> dict[str, Any]:
+def summarise_rounds(
+    times_s: Sequence[Sequence[float]], *, quantile: float = 25.0
+) -> dict[str, Any]:
     """The robust summary of one runner's rounds (from `measure_round_robin`), in ms.
 
+    Args:
+        times_s: per round, the timed durations in seconds.
+        quantile: the percentile that ranks (25: the lower quartile; 50: the median).
+
     Returns:
-        ``latency_ms`` (median of the per-round medians), ``p25_ms``, ``p75_ms`` (their
-        quartiles), ``min_ms`` (fastest call) and ``round_ms`` (the per-round medians).
+        ``latency_ms`` (the `quantile` of all calls), ``round_ms`` (the `quantile` of each
+        round), ``round_p25_ms``, ``round_p75_ms`` (quartiles of ``round_ms``),
+        ``median_ms`` (median of all calls), ``min_ms`` (fastest call) and ``quantile``.
 
     Raises:
-        ValueError: no rounds, an empty round, or a negative or non-finite time.
+        ValueError: no rounds, an empty round, a negative or non-finite time, or a quantile
+            outside [0, 100].
 
     Examples:
-        >>> s = summarise_rounds([[0.001, 0.003, 0.002], [0.004, 0.004, 0.009], [0.002]])
+        >>> s = summarise_rounds([[0.001, 0.003, 0.002], [0.004, 0.004, 0.009]], quantile=50)
         >>> s["latency_ms"], s["round_ms"], s["min_ms"]
-        (2.0, (2.0, 4.0, 2.0), 1.0)
+        (3.5, (2.0, 4.0), 1.0)
     """
     if len(times_s) == 0 or any(len(r) == 0 for r in times_s):
         raise ValueError("`times_s` must hold at least one round, each with one time or more")
+    if isinstance(quantile, bool) or not 0 <= quantile <= 100:
+        raise ValueError(f"`quantile` (={quantile!r}) must be a percentile in [0, 100]")
     all_ms = np.concatenate([np.asarray(r, np.float64) for r in times_s]) * 1e3
     if not np.all(np.isfinite(all_ms)) or np.any(all_ms < 0):
         raise ValueError("times must be finite and >= 0 (a clock that went backwards?)")
-    medians = np.array([np.median(np.asarray(r, np.float64)) * 1e3 for r in times_s])
-    p25, p50, p75 = np.percentile(medians, [25.0, 50.0, 75.0])
+    per_round = np.array(
+        [np.percentile(np.asarray(r, np.float64) * 1e3, quantile) for r in times_s]
+    )
+    p25, p75 = np.percentile(per_round, [25.0, 75.0])
     return {
-        "latency_ms": float(p50),
-        "p25_ms": float(p25),
-        "p75_ms": float(p75),
+        "latency_ms": float(np.percentile(all_ms, quantile)),
+        "round_p25_ms": float(p25),
+        "round_p75_ms": float(p75),
+        "median_ms": float(np.median(all_ms)),
         "min_ms": float(all_ms.min()),
-        "round_ms": tuple(float(m) for m in medians),
+        "round_ms": tuple(float(m) for m in per_round),
+        "quantile": float(quantile),
     }
 
 
@@ -546,6 +569,7 @@ def measure_candidates(
     iters_per_round: int = 10,
     warmup: int = 10,
     seed: int = 0,
+    quantile: float = 25.0,
     model_backend: str | None = None,
     image_hw: tuple[int, int] | None = None,
     clock: Callable[[], float] = time.perf_counter,
@@ -563,6 +587,7 @@ def measure_candidates(
         batch_size: images per call.
         rounds, iters_per_round, warmup: see `measure_round_robin`.
         seed: seed of the weights, the inputs and the visiting orders.
+        quantile: the percentile of the calls that ranks (`summarise_rounds`).
         model_backend: jax only: ``"native"`` or ``"xla"`` (default: this machine's).
         image_hw: onnxruntime only: the input image size (default: each resolution).
         clock: monotonic clock in seconds.
@@ -578,6 +603,7 @@ def measure_candidates(
     _check_count("rounds", rounds, 1)
     _check_count("iters_per_round", iters_per_round, 1)
     _check_count("warmup", warmup, 0)
+    summarise_rounds([[0.0]], quantile=quantile)  # a bad quantile fails before any compile
     if backend == "jax":
         from mobisearch import ops
 
@@ -611,7 +637,7 @@ def measure_candidates(
             iters_per_round=iters_per_round,
             batch_size=batch_size,
             model_backend=model_backend,
-            **summarise_rounds(t),
+            **summarise_rounds(t, quantile=quantile),
             **record,
         )
         for arch, t in zip(archs, times, strict=True)

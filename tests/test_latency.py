@@ -256,17 +256,22 @@ def test_round_robin_interleaves_candidates_in_seeded_orders() -> None:
     assert len(again) == 3
 
 
-def test_summarise_rounds_is_the_median_of_round_medians() -> None:
+def test_summarise_rounds_ranks_by_a_low_quantile_of_all_calls() -> None:
     rounds = [[0.001, 0.002, 0.009], [0.003, 0.003, 0.003], [0.0015, 0.0005, 0.0025], [0.1]]
     s = summarise_rounds(rounds)
-    assert s["round_ms"] == pytest.approx((2.0, 3.0, 1.5, 100.0))
-    assert s["latency_ms"] == pytest.approx(2.5)  # one slow round moves it little
-    assert s["p25_ms"] == pytest.approx(1.875) and s["p75_ms"] == pytest.approx(27.25)
-    assert s["min_ms"] == pytest.approx(0.5)
+    ms = [1.0, 2.0, 9.0, 3.0, 3.0, 3.0, 1.5, 0.5, 2.5, 100.0]
+    assert s["quantile"] == 25.0
+    assert s["latency_ms"] == pytest.approx(np.percentile(ms, 25))  # a slow call moves it little
+    assert s["median_ms"] == pytest.approx(2.75) and s["min_ms"] == pytest.approx(0.5)
+    assert s["round_ms"] == pytest.approx((1.5, 3.0, 1.0, 100.0))  # each round's quartile
+    assert s["round_p25_ms"] == pytest.approx(1.375) and s["round_p75_ms"] == pytest.approx(27.25)
+    assert summarise_rounds(rounds, quantile=50)["latency_ms"] == pytest.approx(2.75)
     with pytest.raises(ValueError, match="at least one round"):
         summarise_rounds([[0.001], []])
     with pytest.raises(ValueError, match="went backwards"):
         summarise_rounds([[0.001, -0.001]])
+    with pytest.raises(ValueError, match=r"`quantile` \(=101\) must be a percentile"):
+        summarise_rounds([[0.001]], quantile=101)
 
 
 def test_kendall_tau() -> None:
@@ -309,7 +314,8 @@ def test_measure_candidates_on_jax(tiny_arch: Any) -> None:
         assert r.latency_backend == "jax" and r.latency_backend_version == jax.__version__
         assert r.threads is None and r.model_backend in ("native", "xla")
         assert r.rounds == 3 and len(r.round_ms) == 3 and r.iters_per_round == 2
-        assert 0 < r.min_ms <= r.p25_ms <= r.latency_ms <= r.p75_ms and r.spread >= 0
+        assert 0 < r.min_ms <= r.latency_ms <= r.median_ms and r.quantile == 25.0
+        assert r.round_p25_ms <= r.round_p75_ms and r.spread >= 0
         assert r.device["latency_backend"] == "jax" and r.device["batch_size"] == 1
         d = r.to_dict()
         assert json.loads(json.dumps(d)) == d and d["latency_ms"] == r.latency_ms
