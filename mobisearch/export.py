@@ -386,7 +386,7 @@ class OnnxExport:
 
     def summary(self) -> str:
         """The lines `mobisearch export` prints."""
-        shape = "x".join(map(str, self.input_shape))
+        shape = ", ".join(map(str, self.input_shape))
         return "\n".join(
             [
                 f"wrote {self.path} ({self.size_bytes:,} bytes): {self.display_id}, input "
