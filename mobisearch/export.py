@@ -207,30 +207,35 @@ def _quiet_exporter() -> Iterator[None]:
 _PLUGINS_LOADED = False
 
 
-def _load_plugins() -> None:
-    """Register jax2onnx's plugins for JAX primitives and Flax NNX only.
+@contextlib.contextmanager
+def _nnx_plugins_only() -> Iterator[None]:
+    """Within it, jax2onnx converts with its plugins for JAX primitives and Flax NNX only.
 
     NOTE: `jax2onnx.to_onnx` otherwise imports every plugin, whose Equinox examples build
-    models at import (about 25 s of XLA compiles on 2 cores, against 3 s for these). The
-    hook is jax2onnx 0.17's (pinned by the extra); on another version to_onnx loads all.
+    models at import (about 25 s of XLA compiles on 2 cores, against 3 s for these). On
+    exit jax2onnx is left to import the rest on its next own call. The hook is jax2onnx
+    0.17's (pinned by the extra); on another version to_onnx loads all of them.
     """
     global _PLUGINS_LOADED
-    if _PLUGINS_LOADED:
-        return
-    _PLUGINS_LOADED = True
     try:
         from jax2onnx.plugins import plugin_system as ps
 
+        hooked = hasattr(ps, "_import_tree") and not ps._already_imported_plugins
+    except (ImportError, AttributeError):
+        hooked = False
+    if not hooked:
+        yield
+        return
+    if not _PLUGINS_LOADED:
         root = pathlib.Path(ps.__file__).parent
-        if not hasattr(ps, "_import_tree") or not hasattr(ps, "_already_imported_plugins"):
-            return
-        if ps._already_imported_plugins:
-            return
         for sub in ("jax", "flax/nnx"):
             ps._import_tree(root / sub, "jax2onnx.plugins." + sub.replace("/", "."))
-        ps._already_imported_plugins = True
-    except (ImportError, AttributeError, OSError):
-        return
+        _PLUGINS_LOADED = True
+    ps._already_imported_plugins = True
+    try:
+        yield
+    finally:
+        ps._already_imported_plugins = False
 
 
 def onnx_model(
@@ -274,8 +279,7 @@ def onnx_model(
     model = _eval_model(arch, state, "xla")
     fn = inference_fn(model, resolution=r, stats=stats, input_dtype=input_dtype)
     spec = jax.ShapeDtypeStruct(("batch", h, w, arch.in_ch), jnp.dtype(input_dtype))
-    _load_plugins()
-    with _quiet_exporter(), ops.grouped_depthwise():
+    with _nnx_plugins_only(), _quiet_exporter(), ops.grouped_depthwise():
         proto = to_onnx(
             fn,
             [spec],

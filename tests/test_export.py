@@ -227,6 +227,22 @@ def test_bad_export_arguments(tiny_arch: Any) -> None:
         inference_session(b"", threads=0)
 
 
+@needs_onnx
+def test_export_leaves_jax2onnx_its_other_plugins(tiny_arch: Any) -> None:
+    from flax import nnx
+    from jax2onnx.plugins import plugin_system
+
+    from mobisearch.export import onnx_model
+    from mobisearch.models import build_model
+
+    before = plugin_system._already_imported_plugins  # False unless all were imported
+    model = build_model(tiny_arch, rngs=nnx.Rngs(0))
+    proto = onnx_model(tiny_arch, model, stats=(np.zeros(3), np.ones(3)))
+    assert proto.graph.input[0].name == "images"
+    # A user's own to_onnx call afterwards still imports every plugin (Equinox, Linen).
+    assert plugin_system._already_imported_plugins is before
+
+
 # --- the trained model in one call -----------------------------------------------------------
 
 
