@@ -7,6 +7,7 @@ file, bad TOML, a bad value) ends with exit status 2 and a one-line message, no 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import pathlib
@@ -52,6 +53,16 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number > 0")
     return value
 
 
@@ -208,10 +219,85 @@ def _print_plan(space: SearchSpace, args: argparse.Namespace) -> Any:
     return None
 
 
+def _latency_budget(
+    space: SearchSpace, plan: Any, args: argparse.Namespace, ranker: Any
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Apply `--max-latency-ms` before anything is trained: a grid's candidates are each
+    measured (untrained: weights do not change latency) and those over it dropped; a
+    per-stage space gets a latency model fitted to a seeded sample of measured candidates,
+    whose predictions screen the sampler's draws. Returns `(plan, predict, report)`."""
+    import random
+
+    from mobisearch.cost import count_cost
+    from mobisearch.latency import measure_candidates
+    from mobisearch.latency_model import LatencyModel, error_report
+
+    limit, lat = args.max_latency_ms, space.latency
+
+    def measure(archs: list[ArchSpec]) -> list[float]:
+        runs = measure_candidates(
+            archs,
+            backend=lat.backend,
+            threads=lat.threads,
+            batch_size=ranker.latency_batch,
+            rounds=10,
+            iters_per_round=5,
+            warmup=3,
+            model_backend=ranker.backend if lat.backend == "jax" else None,
+        )
+        return [m.latency_ms for m in runs]
+
+    if plan is not None:
+        archs = [a for a, _ in plan.kept]
+        measured = measure(archs)
+        keep = [kc for kc, ms in zip(plan.kept, measured, strict=True) if ms <= limit]
+        over = [
+            (a, c, f"latency {ms:.3g} ms > {limit:g} ms")
+            for (a, c), ms in zip(plan.kept, measured, strict=True)
+            if ms > limit
+        ]
+        print(
+            f"latency ({lat.backend}, measured before training): dropped {len(over)} of "
+            f"{len(archs)} candidates over {limit:g} ms"
+        )
+        for a, _, why in over:
+            print(f"  dropped {a.display_id}: {why}")
+        if not keep:
+            raise UsageError(
+                f"--max-latency-ms {limit:g}: every candidate within the budget measured "
+                f"slower (fastest {min(measured):.3g} ms)"
+            )
+        new_plan = dataclasses.replace(plan, kept=tuple(keep), dropped=plan.dropped + tuple(over))
+        ids = [a.display_id for a in archs]
+        return new_plan, None, {"measured": dict(zip(ids, measured, strict=True))}
+    rng, sample = random.Random(0), list[ArchSpec]()
+    for _ in range(100 * lat.sample):
+        if len(sample) == lat.sample:
+            break
+        arch = space.sample(rng)
+        cost = count_cost(arch)
+        if (args.budget is None or cost.macs <= args.budget) and (
+            args.max_params is None or cost.params <= args.max_params
+        ):
+            sample.append(arch)
+    measured = measure(sample)
+    model = LatencyModel.fit(sample, measured)
+    report = {"model": model.to_dict(), "fit": error_report(sample, measured)}
+    print(
+        f"latency model ({lat.backend}) fitted to {len(sample)} measured candidates: "
+        f"{report['fit']['within']:.0%} predicted within 10% (leave-one-out); draws predicted "
+        f"over {limit:g} ms are skipped"
+    )
+    return None, model.predict, report
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     """`mobisearch search`: filter by budget, rank the survivors, write the frontier."""
     from mobisearch import search, workers
 
+    for key, value in (("backend", args.latency_backend), ("threads", args.latency_threads)):
+        if value is not None:
+            args.set = [*args.set, f"latency.{key}={json.dumps(value)}"]
     space = _load_space(args)
     plan = _print_plan(space, args)
     data = _load_data(space, args.data_dir)  # fail on bad data before touching the study
@@ -258,10 +344,15 @@ def cmd_search(args: argparse.Namespace) -> int:
             f"{', '.join(map(str, steps))} steps of batch {ranker.rungs.cfg.batch_size}, "
             f"eta {fid.eta}, promotion: {fid.promotion}"
         )
+    predict: Any = None
+    latency_report: dict[str, Any] = {}
+    if args.max_latency_ms is not None:
+        plan, predict, latency_report = _latency_budget(space, plan, args, ranker)
+        study.set_user_attr("max_latency_ms", args.max_latency_ms)
     prepare_process()
     evaluate = _WithCheckpoint(ranker)
     with _Progress(enabled=not args.quiet, time_budget_s=args.time_budget) as progress:
-        if plan is not None and space.fidelity is None:
+        if space.is_grid and space.fidelity is None:
             search.run_search(
                 study,
                 plan,
@@ -280,6 +371,9 @@ def cmd_search(args: argparse.Namespace) -> int:
                 evaluate.run_job,
                 max_macs=args.budget,
                 max_params=args.max_params,
+                plan=plan,
+                predict_latency=predict,
+                max_latency_ms=args.max_latency_ms,
                 trials=args.trials,
                 time_budget_s=args.time_budget,
                 rung_steps=rung_plan.steps if rung_plan else (),
@@ -288,7 +382,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                 on_start=progress.start_job,
                 on_done=progress.done_job,
             )
-    front = finish_search(study, ranker, out_dir)
+    front = finish_search(study, ranker, out_dir, latency_report=latency_report)
     print(_frontier_table(front))
     print(f"wrote {out_dir}/trials.csv, failed_attempts.csv, frontier.json, best.json, pareto.png")
     return _check_some_finished(study, plan)
@@ -338,7 +432,13 @@ def _check_some_finished(study: optuna.Study, plan: Any) -> int:
     return 1
 
 
-def finish_search(study: optuna.Study, ranker: Any, out_dir: pathlib.Path) -> list[dict]:
+def finish_search(
+    study: optuna.Study,
+    ranker: Any,
+    out_dir: pathlib.Path,
+    *,
+    latency_report: dict[str, Any] | None = None,
+) -> list[dict]:
     """Evaluate the frontier on the test split, then write the exports and the plot.
 
     A frontier member is evaluated by a machine that can read its checkpoint (the one that
@@ -351,7 +451,24 @@ def finish_search(study: optuna.Study, ranker: Any, out_dir: pathlib.Path) -> li
 
     records = results.trial_records(study)
     candidates = results.candidate_records(records)
-    front = results.frontier(candidates)
+    limit = study.user_attrs.get("max_latency_ms")
+    if limit is not None:
+        # Measured over the latency budget after training (its prediction was under it):
+        # kept in trials.csv, left out of the frontier and the best config.
+        over = [r for r in candidates if r.get("latency_ms", 0) > limit]
+        for r in over:
+            r["over_latency_budget"] = True
+        if latency_report and "model" in latency_report:
+            latency_report["trained"] = _latency_model_check(candidates, latency_report)
+            print(
+                f"latency model on the {latency_report['trained']['n']} trained candidates: "
+                f"{latency_report['trained']['within']:.0%} predicted within 10%"
+            )
+        if latency_report:
+            results.write_atomic(
+                out_dir / "latency_budget.json", json.dumps(latency_report, indent=2) + "\n"
+            )
+    front = results.frontier([r for r in candidates if not r.get("over_latency_budget")])
     for r in front:
         if "test_accuracy" in r:
             continue
@@ -390,9 +507,34 @@ def finish_search(study: optuna.Study, ranker: Any, out_dir: pathlib.Path) -> li
     if noise:
         results.write_atomic(out_dir / "noise.json", json.dumps(noise, indent=2) + "\n")
     if front:
-        results.export_best(results.best_record(candidates), out_dir / "best.json")
+        within = [r for r in candidates if not r.get("over_latency_budget")]
+        results.export_best(results.best_record(within), out_dir / "best.json")
     _plot(study, candidates, out_dir / "pareto.png")
     return front
+
+
+def _latency_model_check(candidates: list[dict], report: dict[str, Any]) -> dict[str, Any]:
+    """The fitted latency model's error on the candidates the search trained and measured."""
+    import numpy as np
+
+    from mobisearch.latency_model import features
+
+    m = report["model"]
+    ok = [r for r in candidates if isinstance(r.get("latency_ms"), int | float)]
+    errors = [
+        abs(
+            m["intercept"]
+            + float(np.dot(m["weights"], features(ArchSpec.from_dict(r["arch"]))))
+            - r["latency_ms"]
+        )
+        / r["latency_ms"]
+        for r in ok
+    ]
+    return {
+        "n": len(errors),
+        "within": float(np.mean(np.array(errors) <= 0.10)) if errors else float("nan"),
+        "median_abs_error": float(np.median(errors)) if errors else float("nan"),
+    }
 
 
 def _latency_noise(front: list[dict], ranker: Any) -> dict[str, Any]:
@@ -748,6 +890,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between this worker's heartbeats; a worker silent for "
         f"{GRACE_BEATS} beats is taken for dead and its candidate retried "
         f"(default {DEFAULT_HEARTBEAT_S})",
+    )
+    p.add_argument(
+        "--max-latency-ms",
+        type=_positive_float,
+        help="latency budget: candidates measured (grid) or predicted (per-stage space) "
+        "slower are dropped before any training",
+    )
+    p.add_argument(
+        "--latency-backend",
+        choices=("jax", "onnxruntime"),
+        help="where latency is measured: this machine's JAX forward, or the exported ONNX "
+        "graph in onnxruntime (needs mobisearch[onnx]); default: the space's [latency] backend",
+    )
+    p.add_argument(
+        "--latency-threads",
+        type=_positive_int,
+        help="onnxruntime's intra-op threads (default 1: one phone core)",
     )
     p.add_argument(
         "--trials",

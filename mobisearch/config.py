@@ -37,6 +37,7 @@ __all__ = [
 Dataset = Literal["fashion_mnist", "mnist", "synthetic"]
 Promotion = Literal["continue", "restart"]
 Sampler = Literal["nsga2", "tpe", "random"]
+LatencyBackend = Literal["jax", "onnxruntime"]
 Optimizer = Literal["adamw", "sgd"]
 Schedule = Literal["warmup_cosine", "constant", "wsd"]
 
@@ -45,6 +46,7 @@ OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 PROMOTIONS: tuple[str, ...] = get_args(Promotion)
 SAMPLERS: tuple[str, ...] = get_args(Sampler)
+LATENCY_BACKENDS: tuple[str, ...] = get_args(LatencyBackend)
 
 # NOTE: facts about the packaged datasets, repeated here (this module may not import the
 # numpy-based `mobisearch.data`) so that a bad split fails when the file is read rather
@@ -273,6 +275,9 @@ _LATENCY_RULES: dict[str, _Rule] = {
     "batch_size": _Rule("int", lo=1),
     "warmup": _Rule("int", lo=0),
     "iters": _Rule("int", lo=1),
+    "backend": _Rule("choice", choices=LATENCY_BACKENDS),
+    "threads": _Rule("int", lo=1, optional=True, note=", or no key (onnxruntime: 1)"),
+    "sample": _Rule("int", lo=3),
 }
 
 
@@ -284,6 +289,12 @@ class LatencyConfig:
       batch_size: images per timed call (1 = on-device, one image at a time).
       warmup: untimed calls first, so that compilation is not measured.
       iters: timed calls; percentiles are taken over them.
+      backend: `"jax"` (the model's own compiled forward on this machine) or
+        `"onnxruntime"` (the exported ONNX graph, as it would be deployed).
+      threads: onnxruntime's intra-op threads (1 by default: one phone core); must be left
+        out for jax, whose thread pool is the process's.
+      sample: with a latency budget on a space too large to measure every draw, how many
+        seeded candidates are measured before training to fit the latency model.
 
     Raises:
       ValueError: naming the field, the bad value and what was expected.
@@ -292,9 +303,19 @@ class LatencyConfig:
     batch_size: int = 1
     warmup: int = 10
     iters: int = 50
+    backend: LatencyBackend = "jax"
+    threads: int | None = None
+    sample: int = 24
 
     def __post_init__(self) -> None:
         _check_fields(self, _LATENCY_RULES)
+        if self.backend == "jax" and self.threads is not None:
+            raise _FieldError(
+                "LatencyConfig",
+                "threads",
+                self.threads,
+                'no value with backend = "jax" (XLA uses the process\'s thread pool)',
+            )
 
 
 _FIDELITY_RULES: dict[str, _Rule] = {

@@ -47,6 +47,7 @@ from mobisearch.cost import Cost, count_cost, format_count
 from mobisearch.pareto import rank_points
 from mobisearch.search import (
     DIRECTIONS,
+    Plan,
     _fail,
     _jobs,
     cost_attrs,
@@ -143,6 +144,9 @@ class _Search:
         *,
         max_macs: int | None,
         max_params: int | None,
+        plan: Plan | None,
+        predict_latency: Callable[[ArchSpec], float] | None,
+        max_latency_ms: float | None,
         trials: int | None,
         time_budget_s: float | None,
         rung_steps: Sequence[int],
@@ -155,6 +159,11 @@ class _Search:
     ) -> None:
         self.study, self.space, self.evaluate = study, space, evaluate
         self.max_macs, self.max_params, self.trials = max_macs, max_params, trials
+        self.plan, self.predict_latency, self.max_latency_ms = (
+            plan,
+            predict_latency,
+            max_latency_ms,
+        )
         self.fidelity = space.fidelity
         self.n_rungs = len(rung_steps) if self.fidelity else 1
         self.seed = space.train.seed if space.train else 0
@@ -165,7 +174,6 @@ class _Search:
         eta = self.fidelity.eta if self.fidelity else 3
         shares = rung_shares(rung_steps, rung_decay, eta) if self.fidelity else [1.0]
         self.deadlines = [float(x) for x in np.cumsum(shares)]
-        self.rejected = 0
 
     # --- bookkeeping ------------------------------------------------------------------
 
@@ -178,12 +186,16 @@ class _Search:
             return True
         return self.clock() - self.start < self.deadlines[rung] * self.time_budget_s
 
-    def over_budget(self, cost: Cost) -> str:
+    def over_budget(self, arch: ArchSpec, cost: Cost) -> str:
         why = []
         if self.max_macs is not None and cost.macs > self.max_macs:
             why.append(f"MACs {format_count(cost.macs)} > {format_count(self.max_macs)}")
         if self.max_params is not None and cost.params > self.max_params:
             why.append(f"params {format_count(cost.params)} > {format_count(self.max_params)}")
+        if not why and self.predict_latency is not None and self.max_latency_ms is not None:
+            predicted = self.predict_latency(arch)
+            if predicted > self.max_latency_ms:
+                why.append(f"latency {predicted:.3g} ms (predicted) > {self.max_latency_ms:g} ms")
         return "; ".join(why)
 
     def rung_trials(self, rung: int, role: str = "rung") -> list[optuna.trial.FrozenTrial]:
@@ -285,7 +297,8 @@ class _Search:
             name: CategoricalDistribution(list(choices))
             for name, choices in self.space.params().items()
         }
-        while self.rejected < MAX_REJECTED_DRAWS:
+        rejected = 0  # draws in a row, since the last candidate proposed
+        while rejected < MAX_REJECTED_DRAWS:
             with warnings.catch_warnings():
                 # optuna warns that its trial heartbeat is meant for `Study.optimize`; the
                 # claims' heartbeat records it for our ask/tell loop (`workers.Heartbeat`).
@@ -293,9 +306,9 @@ class _Search:
                 trial = self.study.ask(distributions)
             arch = self.space.arch_from_params(trial.params)
             cost = count_cost(arch)
-            why = self.over_budget(cost)
+            why = self.over_budget(arch, cost)
             if why:
-                self.rejected += 1
+                rejected += 1
                 trial.set_user_attr("status", "over_budget")
                 trial.set_user_attr("reason", why)
                 self.study.tell(trial, state=TrialState.PRUNED)
@@ -304,7 +317,7 @@ class _Search:
             job = _jobs(self.study).get(key)
             claim = None if job is not None and job.done else self.claims.claim(key)
             if claim is None:
-                self.rejected += 1
+                rejected += 1
                 _fail(self.study, trial._trial_id, "duplicate", "this network was proposed before")
                 continue
             try:
@@ -318,7 +331,9 @@ class _Search:
 
     def rung0(self) -> None:
         if self.space.is_grid:
-            plan = plan_search(self.space, max_macs=self.max_macs, max_params=self.max_params)
+            plan = self.plan or plan_search(
+                self.space, max_macs=self.max_macs, max_params=self.max_params
+            )
             self.run_jobs([Job(a, c, 0, self.seed) for a, c in plan.kept[: self.trials]])
             return
         trials = self.trials or self.space.search.trials
@@ -380,6 +395,9 @@ def run_halving(
     *,
     max_macs: int | None = None,
     max_params: int | None = None,
+    plan: Plan | None = None,
+    predict_latency: Callable[[ArchSpec], float] | None = None,
+    max_latency_ms: float | None = None,
     trials: int | None = None,
     time_budget_s: float | None = None,
     rung_steps: Sequence[int] = (),
@@ -399,6 +417,11 @@ def run_halving(
       evaluate: `job -> metrics` (`status`, and `val_accuracy` and `latency_ms` if ok);
         `mobisearch.rank.Ranker.run_job` on real data.
       max_macs, max_params: the budget: candidates over it are never trained.
+      plan: a grid space's candidates (default: `plan_search` of the budget), e.g. after
+        dropping those measured over a latency budget.
+      predict_latency, max_latency_ms: a per-stage space's draws whose predicted latency
+        (`mobisearch.latency_model.LatencyModel.predict`) is over `max_latency_ms` are
+        skipped like those over the MACs budget (told PRUNED, status `"over_budget"`).
       trials: rung-0 candidates of a per-stage space (default: its `[search] trials`); a
         grid space trains every candidate within the budget, in order (or the first
         `trials`).
@@ -429,6 +452,9 @@ def run_halving(
         evaluate,
         max_macs=max_macs,
         max_params=max_params,
+        plan=plan,
+        predict_latency=predict_latency,
+        max_latency_ms=max_latency_ms,
         trials=trials,
         time_budget_s=time_budget_s,
         rung_steps=rung_steps,

@@ -76,6 +76,17 @@ def _as_float_array(name: str, values: object) -> np.ndarray:
     return arr.astype(np.float64, copy=False)
 
 
+def _as_points(values: object) -> np.ndarray:
+    """`values` as a float64 `[n_points, n_objectives]` array, or raise ValueError."""
+    arr = _as_float_array("values", values)
+    if arr.ndim != 2:
+        raise ValueError(
+            f"`values` must be a 2-D array of shape [n_points, n_objectives], got shape "
+            f"{arr.shape}"
+        )
+    return arr
+
+
 def _to_loss(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
     """Return `values` as losses: negate the "maximize" columns (optuna `_normalize_value`)."""
     sign = np.array([-1.0 if d == "maximize" else 1.0 for d in directions])
@@ -163,12 +174,7 @@ def pareto_mask(values: npt.ArrayLike, directions: Sequence[Direction]) -> np.nd
         >>> pareto_mask(np.array([[3.0], [1.0], [1.0]]), ["minimize"])
         array([False,  True,  True])
     """
-    arr = _as_float_array("values", values)
-    if arr.ndim != 2:
-        raise ValueError(
-            f"`values` must be a 2-D array of shape [n_points, n_objectives], got shape "
-            f"{arr.shape}"
-        )
+    arr = _as_points(values)
     _check_directions(directions, arr.shape[1])
     n, d = arr.shape
 
@@ -244,7 +250,7 @@ def nondominated_fronts(
       >>> [f.tolist() for f in nondominated_fronts(v, ["maximize", "minimize"])]
       [[0, 1], [2], [3]]
     """
-    v = _as_float_array("values", values)
+    v = _as_points(values)
     _check_directions(directions, v.shape[1])
     left = np.arange(len(v))
     nan = np.isnan(v).any(axis=1)
@@ -268,7 +274,7 @@ def crowding_distance(values: npt.ArrayLike) -> np.ndarray:
       >>> crowding_distance(np.array([[1.0, 4.0], [2.0, 3.0], [3.0, 1.0]])).tolist()
       [inf, 2.0, inf]
     """
-    v = _as_float_array("values", values)
+    v = _as_points(values)
     n = len(v)
     distance = np.zeros(n)
     if n <= 2:
@@ -302,3 +308,26 @@ def rank_points(values: npt.ArrayLike, directions: Sequence[Direction]) -> np.nd
         dist = crowding_distance(v[front])
         out.extend(front[np.lexsort((front, -dist))].tolist())
     return np.asarray(out, dtype=np.intp)
+
+
+def hypervolume_2d(values: npt.ArrayLike, reference: Sequence[float]) -> float:
+    """The area a set of (quality to maximise, cost to minimise) points dominates above
+    `reference` (a quality floor, a cost ceiling): the larger, the better the frontier.
+    Points outside the reference box add nothing.
+
+    Examples:
+      >>> hypervolume_2d(np.array([[0.8, 2.0], [0.9, 4.0]]), (0.5, 5.0))
+      1.0
+    """
+    v = _as_float_array("values", values)
+    floor, ceiling = float(reference[0]), float(reference[1])
+    v = v[(v[:, 0] > floor) & (v[:, 1] < ceiling)]
+    if len(v) == 0:
+        return 0.0
+    front = v[pareto_mask(v, ["maximize", "minimize"])]
+    front = front[np.lexsort((front[:, 0], front[:, 1]))]
+    area, previous = 0.0, floor
+    for quality, cost in front:
+        area += (quality - previous) * (ceiling - cost)
+        previous = quality
+    return float(area)

@@ -21,7 +21,11 @@ from mobisearch.checkpoint import load_state, save_state
 from mobisearch.compile import compiled_forward, precompile_forward
 from mobisearch.data import image_mean_std
 from mobisearch.fidelity import RungTrainer
-from mobisearch.latency import device_fingerprint, measure_latency
+from mobisearch.latency import (
+    latency_backend_record,
+    latency_runner,
+    measure_latency,
+)
 from mobisearch.train import evaluate, prepare_recipe, train_and_evaluate
 
 if TYPE_CHECKING:
@@ -43,6 +47,11 @@ def model_latency(
     forward = compiled_forward(arch, backend, batch=batch_size)
     x = jnp.zeros((batch_size, arch.resolution, arch.resolution, arch.in_ch), jnp.float32)
     lat = measure_latency(forward, *state, x, warmup=warmup, iters=iters, batch_size=batch_size)
+    return _latency_fields(lat, batch_size)
+
+
+def _latency_fields(lat: Any, batch_size: int) -> dict[str, Any]:
+    """A `mobisearch.latency.Latency` as the metrics a trial stores."""
     return {
         "latency_ms": lat.p50_ms,
         "latency_p10_ms": lat.p10_ms,
@@ -84,6 +93,9 @@ class Ranker:
         self.latency_batch = latency_batch or space.latency.batch_size
         self.backend = ops.check_backend(backend or ops.default_backend())
         self.stats = image_mean_std(data.x_train)
+        lat = space.latency
+        # Where latency is measured; fails here (onnxruntime missing) rather than per trial.
+        self.latency_record = latency_backend_record(lat.backend, lat.threads, self.latency_batch)
         self.rungs: RungTrainer | None = None
         if space.fidelity is not None:
             self.rungs = RungTrainer(
@@ -118,7 +130,7 @@ class Ranker:
             "eval_s": result.eval_s,
             "final_loss": result.loss_curve[-1] if result.loss_curve else math.nan,
             "backend": self.backend,
-            "device": device_fingerprint(self.latency_batch),
+            "device": self.latency_record["device"],
         }
         if result.status != "ok":
             return metrics
@@ -129,15 +141,29 @@ class Ranker:
         return metrics
 
     def _latency(self, arch: ArchSpec, state: Any) -> dict[str, Any]:
-        lat = self.space.latency
-        return model_latency(
-            arch,
-            state,
-            batch_size=self.latency_batch,
-            warmup=lat.warmup,
-            iters=lat.iters,
-            backend=self.backend,
+        """The latency record of a trained candidate on the space's latency backend: the
+        JAX forward of the trained model, or the exported ONNX graph in onnxruntime."""
+        lat, record = self.space.latency, self.latency_record
+        backend_fields = {
+            "latency_backend": record["latency_backend"],
+            "latency_backend_version": record["latency_backend_version"],
+            "latency_threads": record["threads"],
+        }
+        if lat.backend == "jax":
+            metrics = model_latency(
+                arch,
+                state,
+                batch_size=self.latency_batch,
+                warmup=lat.warmup,
+                iters=lat.iters,
+                backend=self.backend,
+            )
+            return metrics | backend_fields
+        run = latency_runner(
+            arch, backend="onnxruntime", threads=record["threads"], batch_size=self.latency_batch
         )
+        m = measure_latency(run, warmup=lat.warmup, iters=lat.iters, batch_size=self.latency_batch)
+        return _latency_fields(m, self.latency_batch) | backend_fields
 
     def run_job(self, job: Job) -> dict[str, Any]:
         """Evaluate one job of a sampled or multi-fidelity search
@@ -159,7 +185,7 @@ class Ranker:
             "compile_s": result.compile_s,
             "train_s": result.train_s,
             "backend": self.backend,
-            "device": device_fingerprint(self.latency_batch),
+            "device": self.latency_record["device"],
         }
         if result.status != "ok":
             return metrics

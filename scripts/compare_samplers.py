@@ -28,22 +28,7 @@ from typing import Any
 import numpy as np
 
 from mobisearch import results
-from mobisearch.pareto import pareto_mask
-
-
-def hypervolume(points: np.ndarray, ref: tuple[float, float]) -> float:
-    """Area dominated by (accuracy to maximise, latency to minimise) points above `ref`
-    (accuracy floor, latency ceiling)."""
-    pts = points[(points[:, 0] > ref[0]) & (points[:, 1] < ref[1])]
-    if len(pts) == 0:
-        return 0.0
-    front = pts[pareto_mask(pts, ["maximize", "minimize"])]
-    front = front[np.argsort(front[:, 1])]  # by latency, ascending; accuracy ascending too
-    area, prev_acc = 0.0, ref[0]
-    for acc, lat in front:
-        area += (acc - prev_acc) * (ref[1] - lat)
-        prev_acc = acc
-    return float(area)
+from mobisearch.pareto import hypervolume_2d, pareto_mask
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: v for k, v in runs[-1].items() if k != "points"}), flush=True)
     ref = (0.5, max(p[1] for r in runs for p in r["points"]) * 1.01)
     for r in runs:
-        r["hypervolume"] = hypervolume(np.array(r["points"]), ref)
+        r["hypervolume"] = hypervolume_2d(np.array(r["points"]), ref)
         r["front_size"] = int(pareto_mask(np.array(r["points"]), ["maximize", "minimize"]).sum())
     summary: dict[str, Any] = {"command": command, "reference_point": ref, "samplers": {}}
     for sampler in args.samplers:
