@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -17,8 +18,11 @@ from mobisearch.pareto import (
     _front_nd,
     _to_loss,
     _unique_lexsorted,
+    crowding_distance,
     dominates,
+    nondominated_fronts,
     pareto_mask,
+    rank_points,
 )
 
 MAX_MIN: list[Direction] = ["maximize", "minimize"]
@@ -255,3 +259,279 @@ def test_import_loads_no_jax_or_optuna() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- non-dominated sorting, crowding distance, promotion ----------------------------------
+
+
+def _reference_fronts(values: np.ndarray, directions: list[Direction]) -> list[list[int]]:
+    """The definition: front k is the points of what is left that nothing left dominates;
+    NaN rows last, in a front of their own."""
+    finite = [i for i in range(len(values)) if not np.isnan(values[i]).any()]
+    fronts = []
+    while finite:
+        front = [
+            i
+            for i in finite
+            if not any(dominates(values[j], values[i], directions) for j in finite)
+        ]
+        fronts.append(front)
+        finite = [i for i in finite if i not in front]
+    nan = [i for i in range(len(values)) if np.isnan(values[i]).any()]
+    return fronts + ([nan] if nan else [])
+
+
+def _reference_crowding(values: np.ndarray) -> list[float]:
+    """NSGA-II's crowding distance, as documented, one point at a time: per objective, the
+    points in order of value (ties by position), the two ends infinite, every other one the
+    gap between its neighbours over the objective's range."""
+    n = len(values)
+    if n <= 2:
+        return [math.inf] * n
+    distance = [0.0] * n
+    for col in values.T:
+        order = sorted(range(n), key=lambda i: (col[i], i))
+        distance[order[0]] = distance[order[-1]] = math.inf
+        span = col[order[-1]] - col[order[0]]
+        for k in range(1, n - 1):
+            if span > 0:
+                distance[order[k]] += (col[order[k + 1]] - col[order[k - 1]]) / span
+    return distance
+
+
+def _reference_keys(values: np.ndarray, directions: list[Direction]) -> dict[int, tuple]:
+    """Each point's promotion key: (front, -crowding distance in its front); NaN rows have
+    only their front."""
+    keys = {}
+    for f, front in enumerate(_reference_fronts(values, directions)):
+        if np.isnan(values[front]).any():
+            keys |= {i: (f, 0.0) for i in front}
+            continue
+        dist = _reference_crowding(values[front])
+        keys |= {i: (f, -d) for i, d in zip(front, dist, strict=True)}
+    return keys
+
+
+def _reference_rank(values: np.ndarray, directions: list[Direction]) -> list[int]:
+    keys = _reference_keys(values, directions)
+    return sorted(range(len(values)), key=lambda i: (*keys[i], i))
+
+
+def _reference_promotion(values: np.ndarray, directions: list[Direction], k: int) -> list[int]:
+    """Successive halving's selection, built front by front: whole fronts while they fit,
+    then the most crowded-apart points of the next one; each front's points best first
+    (largest crowding distance, ties by position)."""
+    chosen: list[int] = []
+    for front in _reference_fronts(values, directions):
+        if not np.isnan(values[front]).any():
+            dist = _reference_crowding(values[front])
+            front = [
+                i for i, _ in sorted(zip(front, dist, strict=True), key=lambda p: (-p[1], p[0]))
+            ]
+        chosen += front[: k - len(chosen)]
+        if len(chosen) == k:
+            break
+    return chosen
+
+
+# Finite values with frequent ties (crowding distances are ranges: no infinities).
+_finite = st.one_of(st.sampled_from([0.0, 0.25, 0.5, 1.0]), st.floats(-1e3, 1e3))
+
+
+@st.composite
+def finite_problems(
+    draw: st.DrawFn, min_d: int = 1, max_d: int = 3, nan: bool = False
+) -> tuple[np.ndarray, list[Direction]]:
+    """(values [n, d], directions) with finite values (and NaN rows if `nan`), n in [0, 15]."""
+    d = draw(st.integers(min_d, max_d))
+    n = draw(st.integers(0, 15))
+    elements = st.one_of(_finite, st.just(np.nan)) if nan else _finite
+    values = draw(hnp.arrays(np.float64, (n, d), elements=elements))
+    directions = draw(st.lists(st.sampled_from(MAX_MIN), min_size=d, max_size=d))
+    return values, directions
+
+
+@st.composite
+def distinct_problems(draw: st.DrawFn) -> tuple[np.ndarray, list[Direction]]:
+    """Two objectives, no two points equal in either (so no crowding ties but the ends')."""
+    n = draw(st.integers(0, 12))
+    cols = [
+        draw(st.lists(st.integers(-1000, 1000), min_size=n, max_size=n, unique=True))
+        for _ in range(2)
+    ]
+    values = np.array(cols, dtype=np.float64).T.reshape(n, 2)
+    return values, draw(st.lists(st.sampled_from(MAX_MIN), min_size=2, max_size=2))
+
+
+def test_known_fronts_and_ranking() -> None:
+    # (accuracy, latency_ms)
+    values = np.array(
+        [
+            [0.90, 9.0],  # 0: front 0 (most accurate)
+            [0.80, 3.0],  # 1: front 0
+            [0.85, 5.0],  # 2: front 0, between 0 and 1
+            [0.70, 4.0],  # 3: front 1 (beaten by 1)
+            [0.84, 6.0],  # 4: front 1 (beaten by 2)
+            [0.60, 8.0],  # 5: front 2 (beaten by 3, 4)
+            [np.nan, 1.0],  # 6: NaN, last
+            [0.85, 5.0],  # 7: a copy of 2: front 0 too
+        ]
+    )
+    fronts = [f.tolist() for f in nondominated_fronts(values, MAX_MIN)]
+    assert fronts == [[0, 1, 2, 7], [3, 4], [5], [6]]
+    # Front 0's crowding: 0 and 1 are the extremes; 2 and 7 tie in both objectives, so
+    # (by position) 2 is the latency order's second point and 7 the third.
+    # accuracy order 1, 2, 7, 0 (range 0.1); latency order 1, 2, 7, 0 (range 6):
+    # 2: (0.85 - 0.80) / 0.1 + (5 - 3) / 6 = 0.8333; 7: (0.90 - 0.85) / 0.1 + (9 - 5) / 6.
+    dist = crowding_distance(values[[0, 1, 2, 7]])
+    np.testing.assert_allclose(dist, [np.inf, np.inf, 0.5 + 2 / 6, 0.5 + 4 / 6])
+    assert rank_points(values, MAX_MIN).tolist() == [0, 1, 7, 2, 3, 4, 5, 6]
+
+
+def test_crowding_distance_hand_computed() -> None:
+    # Columns (1, 2, 4, 8) and (8, 4, 2, 1), ranges 7: point 1 (4 - 1)/7 + (8 - 2)/7,
+    # point 2 (8 - 2)/7 + (4 - 1)/7.
+    values = np.array([[1.0, 8.0], [2.0, 4.0], [4.0, 2.0], [8.0, 1.0]])
+    np.testing.assert_allclose(crowding_distance(values), [np.inf, 9 / 7, 9 / 7, np.inf])
+    # Columns (1, 2, 3, 8) and (8, 7, 2, 1): point 1 (3 - 1)/7 + (8 - 2)/7, point 2
+    # (8 - 2)/7 + (7 - 1)/7: the sparser point goes first.
+    values = np.array([[1.0, 8.0], [2.0, 7.0], [3.0, 2.0], [8.0, 1.0]])
+    np.testing.assert_allclose(crowding_distance(values), [np.inf, 8 / 7, 12 / 7, np.inf])
+    assert rank_points(values, ["minimize", "minimize"]).tolist() == [0, 3, 2, 1]
+    # A constant objective adds nothing (its range is 0) but still marks two ends.
+    flat = np.array([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0]])
+    np.testing.assert_array_equal(crowding_distance(flat), [np.inf, 1.0, np.inf])
+    assert crowding_distance(np.zeros((0, 2))).shape == (0,)
+    np.testing.assert_array_equal(crowding_distance(np.ones((2, 2))), [np.inf, np.inf])
+
+
+def test_sorting_empty_and_all_nan() -> None:
+    assert nondominated_fronts(np.zeros((0, 2)), MAX_MIN) == []
+    assert rank_points(np.zeros((0, 2)), MAX_MIN).tolist() == []
+    nan = np.full((3, 2), np.nan)
+    assert [f.tolist() for f in nondominated_fronts(nan, MAX_MIN)] == [[0, 1, 2]]
+    assert rank_points(nan, MAX_MIN).tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("fn", [nondominated_fronts, rank_points])
+def test_sorting_errors(fn) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="2-D array"):
+        fn(np.array([1.0, 2.0]), MAX_MIN)
+    with pytest.raises(ValueError, match="1 entries"):
+        fn(np.zeros((3, 2)), ["maximize"])
+    with pytest.raises(ValueError, match="real numbers"):
+        fn(np.array([["a", "b"]]), MAX_MIN)
+
+
+def test_crowding_distance_errors() -> None:
+    with pytest.raises(ValueError, match=r"2-D array .* got shape \(3,\)"):
+        crowding_distance(np.array([1.0, 2.0, 3.0]))
+
+
+@settings(deadline=None, max_examples=60)
+@given(problems(max_d=3))
+def test_fronts_match_definition(problem: tuple[np.ndarray, list[Direction]]) -> None:
+    values, directions = problem
+    fronts = [f.tolist() for f in nondominated_fronts(values, directions)]
+    assert fronts == _reference_fronts(values, directions)
+    # A partition of the points, each front non-empty and sorted.
+    assert sorted(i for f in fronts for i in f) == list(range(len(values)))
+    assert all(f and f == sorted(f) for f in fronts)
+    finite = [f for f in fronts if not np.isnan(values[f]).any()]
+    for k, front in enumerate(finite):
+        later = [j for f in finite[k:] for j in f]
+        for i in front:  # nothing in front k is dominated by front k or a later one
+            assert not any(dominates(values[j], values[i], directions) for j in later)
+        if k + 1 < len(finite):  # everything in front k + 1 is dominated from front k
+            for i in finite[k + 1]:
+                assert any(dominates(values[j], values[i], directions) for j in front)
+    if len(finite) < len(fronts):  # NaN rows: the last front, all of them
+        assert fronts[-1] == np.flatnonzero(np.isnan(values).any(axis=1)).tolist()
+
+
+@settings(deadline=None, max_examples=60)
+@given(problems(max_d=3), st.randoms(use_true_random=False))
+def test_fronts_do_not_depend_on_order(problem, rng) -> None:  # type: ignore[no-untyped-def]
+    values, directions = problem
+    perm = np.array(rng.sample(range(len(values)), len(values)), dtype=np.intp)
+    fronts = [set(f.tolist()) for f in nondominated_fronts(values, directions)]
+    permuted = [set(perm[f].tolist()) for f in nondominated_fronts(values[perm], directions)]
+    assert permuted == fronts
+
+
+@settings(deadline=None, max_examples=60)
+@given(finite_problems(min_d=1, max_d=3))
+def test_crowding_distance_matches_definition(
+    problem: tuple[np.ndarray, list[Direction]],
+) -> None:
+    values, _ = problem
+    dist = crowding_distance(values)
+    np.testing.assert_allclose(dist, _reference_crowding(values), rtol=1e-12, atol=0)
+    assert np.all(dist >= 0)
+    if len(values):
+        assert np.isinf(dist).sum() >= min(len(values), 2)
+
+
+@settings(deadline=None, max_examples=60)
+@given(finite_problems(nan=True))
+def test_rank_points_matches_the_reference(problem: tuple[np.ndarray, list[Direction]]) -> None:
+    values, directions = problem
+    order = rank_points(values, directions)
+    assert order.dtype == np.intp
+    ref = _reference_rank(values, directions)
+    # Crowding distances are float sums: equal up to rounding, so compare the keys.
+    keys = _reference_keys(values, directions)
+    assert [keys[i][0] for i in order] == [keys[i][0] for i in ref]
+    np.testing.assert_allclose([keys[i][1] for i in order], [keys[i][1] for i in ref])
+    assert sorted(order.tolist()) == list(range(len(values)))
+    # NaN rows come last, in their original order.
+    nan = np.isnan(values).any(axis=1)
+    assert order[len(order) - nan.sum() :].tolist() == np.flatnonzero(nan).tolist()
+
+
+@settings(deadline=None, max_examples=60)
+@given(finite_problems(nan=True), st.integers(2, 4))
+def test_promotion_is_the_brute_force_selection(
+    problem: tuple[np.ndarray, list[Direction]], eta: int
+) -> None:
+    """The top ceil(n / eta) of `rank_points` are what successive halving promotes: whole
+    fronts first, then the most crowded-apart of the next; nothing left out dominates a
+    promoted point."""
+    values, directions = problem
+    k = math.ceil(len(values) / eta)
+    top = rank_points(values, directions)[:k].tolist()
+    assert top == _reference_promotion(values, directions, k)
+    rest = sorted(set(range(len(values))) - set(top))
+    for i in top:
+        assert not any(dominates(values[j], values[i], directions) for j in rest)
+
+
+@settings(deadline=None, max_examples=60)
+@given(distinct_problems(), st.randoms(use_true_random=False))
+def test_rank_points_does_not_depend_on_order(problem, rng) -> None:  # type: ignore[no-untyped-def]
+    """Permuting the points permutes the ranking, up to ties (equal crowding distances,
+    e.g. a front's extremes, are broken by position)."""
+    values, directions = problem
+    n = len(values)
+    perm = np.array(rng.sample(range(n), n), dtype=np.intp)
+    keys = _reference_keys(values, directions)
+    order = rank_points(values, directions).tolist()
+    permuted = perm[rank_points(values[perm], directions)].tolist()
+    assert [keys[i] for i in permuted] == [keys[i] for i in order]
+    for k in range(1, n):
+        if keys[order[k - 1]] != keys[order[k]]:  # no tie at the cut: the same top k
+            assert set(permuted[:k]) == set(order[:k])
+
+
+@settings(deadline=None, max_examples=50)
+@given(finite_problems(), st.integers(1, 3))
+def test_nan_rows_do_not_change_the_ranking_of_the_rest(
+    problem: tuple[np.ndarray, list[Direction]], extra: int
+) -> None:
+    values, directions = problem
+    nan_rows = np.full((extra, values.shape[1]), -1e9)
+    nan_rows[:, 0] = np.nan
+    order = rank_points(np.vstack([values, nan_rows]), directions)
+    n = len(values)
+    assert order[:n].tolist() == rank_points(values, directions).tolist()
+    assert order[n:].tolist() == list(range(n, n + extra))
