@@ -131,3 +131,32 @@ def test_prepare_recipe_computes_the_rates_once() -> None:
     misses = optim.recipe_rates.cache_info().misses
     compile_.compile_train(small_arch(0.5, resolution=12), cfg, "native", 64)
     assert optim.recipe_rates.cache_info().misses == misses
+
+
+def test_wsd_schedule_by_hand() -> None:
+    """Warmup 0 -> peak over 4 steps, the peak until step 10, then linear to 0 at step 14;
+    `learning_rates` gives the schedule's values step by step."""
+    rates = optim.learning_rates(optim.wsd_schedule(0.8, 4, 10, 14), 14)
+    want = [0.0, 0.2, 0.4, 0.6] + [0.8] * 7 + [0.6, 0.4, 0.2]
+    np.testing.assert_allclose(rates, want, rtol=1e-6)
+    assert np.all(rates[4:11] == np.float32(0.8))  # the stable phase is the peak, exactly
+    # Without warmup the first step trains at the peak; a one-step branch decays to 0 at once.
+    np.testing.assert_allclose(
+        optim.learning_rates(optim.wsd_schedule(1.0, 0, 3, 5), 6), [1, 1, 1, 1, 0.5, 0], atol=1e-7
+    )
+    np.testing.assert_allclose(
+        optim.learning_rates(optim.wsd_schedule(1.0, 0, 4, 5), 5), [1, 1, 1, 1, 1], atol=1e-7
+    )
+
+
+def test_learning_rates_of_a_constant_and_the_recipe() -> None:
+    rates = optim.learning_rates(0.25, 5)
+    assert rates.dtype == np.float32 and rates.tolist() == [0.25] * 5
+    assert not rates.flags.writeable  # shared by every train step of the recipe
+    # The "wsd" recipe decays over its last decay_fraction of steps (at least one step).
+    cfg = dataclasses.replace(CFG, steps=40, warmup_steps=3, schedule="wsd", decay_fraction=0.3)
+    assert optim.decay_steps(40, 0.3) == 12 and optim.decay_steps(3, 0.01) == 1
+    want = optim.learning_rates(optim.wsd_schedule(cfg.learning_rate, 3, 28, 40), 40)
+    np.testing.assert_array_equal(optim.recipe_rates(cfg), want)
+    assert optim.recipe_rates(cfg) is optim.recipe_rates(cfg)  # cached per recipe
+    assert not optim.recipe_rates(cfg).flags.writeable
