@@ -193,3 +193,83 @@ def test_read_only_load_creates_nothing(tmp_path) -> None:  # type: ignore[no-un
     with pytest.raises(ValueError, match="no such file"):
         results.load_best(f"sqlite:///{tmp_path / 'missing.db'}")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- multi-fidelity records: the highest rung, the seeds' spread, indistinct members ------
+
+
+def _record(number: int, key: str, state: str = "COMPLETE", **attrs: object) -> dict:
+    return {"number": number, "state": state, "candidate_key": key, "display_id": key.upper(),
+            "rung": 0, "role": "rung", **attrs}  # fmt: skip
+
+
+def test_candidate_records_keep_the_highest_rung() -> None:
+    records = [
+        _record(0, "x", val_accuracy=0.70),
+        _record(1, "y", val_accuracy=0.60),
+        _record(2, "z", "FAIL", status="diverged"),
+        _record(5, "x", role="noise", seed=1, val_accuracy=0.99),  # not a row of its own
+        _record(6, "y", "FAIL", rung=1, status="error"),
+        _record(7, "x", rung=1, val_accuracy=0.80),
+        _record(8, "x", "FAIL", rung=2, status="interrupted"),
+        _record(9, "x", rung=2, val_accuracy=0.85),
+    ]
+    rows = results.candidate_records(records)
+    assert [(r["candidate_key"], r["number"], r["rung"]) for r in rows] == [
+        ("x", 9, 2),  # its result at rung 2, the noise re-run left out
+        ("y", 1, 0),  # rung 1 failed: its rung-0 result stands
+        ("z", 2, 0),  # never finished: its latest attempt
+    ]
+    assert [r["rungs"] for r in rows] == [[0, 1, 2], [0], []]
+    assert [r["attempts"] for r in rows] == [4, 2, 1]
+    assert rows[0]["val_accuracy"] == 0.85
+
+
+def test_seed_spread_by_hand() -> None:
+    records = [
+        _record(0, "a", val_accuracy=0.80),
+        _record(1, "b", val_accuracy=0.70),
+        _record(2, "c", val_accuracy=0.90),
+        _record(3, "a", rung=1, val_accuracy=0.95),  # a later rung is not a first run
+        _record(4, "a", role="noise", seed=1, val_accuracy=0.82),
+        _record(5, "b", role="noise", seed=1, val_accuracy=0.66),
+        _record(6, "c", "FAIL", role="noise", seed=1, status="diverged"),  # no score
+        _record(7, "d", role="noise", seed=1, val_accuracy=0.5),  # no first run
+    ]
+    noise = results.seed_spread(records)
+    assert noise is not None
+    # Differences 0.02 and -0.04: sqrt(mean(0.0004, 0.0016) / 2) = sqrt(0.0005).
+    assert noise["n"] == 2
+    assert noise["spread"] == pytest.approx(0.0005**0.5, rel=1e-12)
+    assert noise["max_abs_difference"] == pytest.approx(0.04, rel=1e-12)
+    assert noise["pairs"] == [
+        {"display_id": "A", "seed_a": 0.80, "seed_b": 0.82},
+        {"display_id": "B", "seed_a": 0.70, "seed_b": 0.66},
+    ]
+    # Equal scores: no spread. No re-run with another seed: none measured.
+    same = [_record(0, "a", val_accuracy=0.5), _record(1, "a", role="noise", val_accuracy=0.5)]
+    assert results.seed_spread(same) == {
+        "n": 1,
+        "spread": 0.0,
+        "max_abs_difference": 0.0,
+        "pairs": [{"display_id": "A", "seed_a": 0.5, "seed_b": 0.5}],
+    }
+    assert results.seed_spread(records[:4]) is None
+    assert results.seed_spread([]) is None
+
+
+def test_mark_indistinct_by_hand() -> None:
+    front = [
+        {"display_id": "A", "val_accuracy": 0.5, "latency_ms": 1.0},
+        {"display_id": "B", "val_accuracy": 0.625, "latency_ms": 2.0},
+        {"display_id": "C", "val_accuracy": 0.75, "latency_ms": 3.0},
+        {"display_id": "D", "val_accuracy": 1.0, "latency_ms": 4.0},
+    ]
+    marked = results.mark_indistinct(front, 0.125)  # gaps 0.125, 0.125, 0.25
+    assert [r["distinct"] for r in marked] == [True, False, False, True]
+    assert [r.get("indistinct_from") for r in marked] == [None, "A", "B", None]
+    assert [{k: r[k] for k in front[0]} for r in marked] == front  # the rest as it was
+    assert "distinct" not in front[0]  # the input is not changed
+    assert all(r["distinct"] for r in results.mark_indistinct(front, 0.1))
+    assert [r["distinct"] for r in results.mark_indistinct(front, 0.25)] == [True] + [False] * 3
+    assert results.mark_indistinct([], 0.1) == []
