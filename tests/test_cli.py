@@ -506,3 +506,91 @@ def test_workers_on_separate_machines_all_finish(tmp_path) -> None:  # type: ign
     assert front and all(0.0 <= r["test_accuracy"] <= 1.0 for r in front)
     with sqlite3.connect(tmp_path / "shared.db") as db:
         assert db.execute("select count(*) from trials").fetchone() == (4,)
+
+
+# --- multi-fidelity searches -------------------------------------------------------------
+
+
+def _multi_fidelity_search(
+    out: pathlib.Path,
+    args: list[str],
+    *,
+    rungs: list[int],
+    noise: int,
+    steps: list[int],
+    resumed: list[int],
+) -> None:
+    """Run `mobisearch search ... --out-dir out` on the real files and check its study and
+    exports: `rungs` candidates per rung trained to `steps`, each promoted one going on from
+    step `resumed` (its stable-phase state of the rung below), `noise` re-runs with the
+    next seed; then rerun it: the rerun trains nothing (no new trial)."""
+    import csv
+
+    from mobisearch import results
+
+    command = ["search", *args, "--out-dir", str(out), "--quiet"]
+    proc = run_cli(*command)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    storage = f"sqlite:///{out / 'study.db'}"
+    study = results.load_study(storage)
+    records = results.trial_records(study)
+    done = [r for r in records if r["state"] == "COMPLETE"]
+    per_rung = [
+        sum(1 for r in done if r["rung"] == rung and r["role"] == "rung")
+        for rung in range(len(rungs))
+    ]
+    assert per_rung == rungs
+    reruns = [r for r in done if r["role"] == "noise"]
+    assert len(reruns) == noise and all(r["seed"] == 1 for r in reruns)
+    assert all((r["steps"], r["resumed_from"]) == (steps[r["rung"]], resumed[r["rung"]])
+               for r in done)  # fmt: skip
+    assert len(list((out / "checkpoints").glob("*/stable/*.run"))) >= rungs[0]
+
+    # trials.csv: one row per candidate, its result at the highest rung it reached.
+    with (out / "trials.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == rungs[0]
+    highest = {}
+    for r in done:
+        if r["role"] == "rung":
+            highest[r["display_id"]] = max(highest.get(r["display_id"], 0), r["rung"])
+    assert {row["display_id"]: int(row["rung"]) for row in rows} == highest
+    assert sorted(int(row["rung"]) for row in rows).count(len(rungs) - 1) == rungs[-1]
+    front = json.loads((out / "frontier.json").read_text())
+    assert front and all(m["rung"] == highest[m["display_id"]] for m in front)
+    assert all("distinct" in m for m in front)  # marked against the seeds' spread
+    noise_json = json.loads((out / "noise.json").read_text())
+    assert noise_json["validation_accuracy"]["n"] == noise
+    assert (out / "best.json").exists() and (out / "pareto.png").exists()
+
+    trials = len(study.trials)
+    rerun = run_cli(*command)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert len(results.load_study(storage).trials) == trials  # nothing trained again
+
+
+@needs_fashion
+def test_multi_fidelity_search_on_a_grid(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """quick.toml with rungs at 0.5, 1 and 2 epochs of 2,000 images at batch 64: 16, 31
+    and 62 steps, decay branches of 3, 3 and 6; 4 candidates, 2, then 1; 3 noise re-runs."""
+    args = ["--space", "quick", "--set", "fidelity.rungs=[0.5, 1, 2]"]
+    _multi_fidelity_search(tmp_path, args, rungs=[4, 2, 1], noise=3, steps=[16, 31, 62],
+                           resumed=[0, 16 - 3, 31 - 3])  # fmt: skip
+
+
+@needs_fashion
+@pytest.mark.slow
+def test_multi_fidelity_search_on_a_per_stage_space(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """fashion_mnist_stages.toml on 1,000 images within 1M MACs: 4 candidates drawn by
+    NSGA-II (population 2); rungs at 1/3, 1 and 3 epochs of batch 50: 7, 20 and 60 steps,
+    decay branches of 1, 3 and 8."""
+    args = [
+        "--space", "fashion_mnist_stages", "--budget", "1M",
+        "--set", "data.train_size=1000", "--set", "data.validation_size=500",
+        "--set", "train.batch_size=50", "--set", "train.warmup_steps=2",
+        "--set", "search.trials=4", "--set", "search.population=2",
+        "--set", "fidelity.rungs=[0.3333, 1, 3]", "--set", "train.decay_fraction=0.2",
+        "--set", "fidelity.eta=3", "--set", "fidelity.noise_candidates=2",
+    ]  # fmt: skip
+    _multi_fidelity_search(tmp_path, args, rungs=[4, 2, 1], noise=2, steps=[7, 20, 60],
+                           resumed=[0, 7 - 1, 20 - 3])  # fmt: skip
