@@ -252,8 +252,21 @@ class _Search:
                 self.on_start(job, *progress)
             return self.evaluate(job)
 
+        params, distributions = None, None
+        if trial is None and not self.space.is_grid:
+            params, distributions = self.space.params_from_arch(job.arch), self.distributions()
+        # `drawn`: the sampler proposed this trial (its other trials carry the candidate's
+        # parameters too, so that the sampler's search space stays whole).
         metrics = run_claimed(
-            self.study, self.claims, claim, self.attrs(job), run, self.heartbeat_s, trial=trial
+            self.study,
+            self.claims,
+            claim,
+            self.attrs(job) | {"drawn": trial is not None},
+            run,
+            self.heartbeat_s,
+            trial=trial,
+            params=params,
+            distributions=distributions,
         )
         if metrics is not None and self.on_done is not None:
             self.on_done(job, metrics)
@@ -290,13 +303,17 @@ class _Search:
 
     # --- rung 0 -----------------------------------------------------------------------
 
-    def propose(self) -> bool:
-        """Ask the sampler for one new candidate within the budget and train it; False
-        when the sampler keeps drawing candidates over the budget or already trained."""
-        distributions: dict[str, BaseDistribution] = {
+    def distributions(self) -> dict[str, BaseDistribution]:
+        """The sampler's view of the space: one categorical choice per parameter."""
+        return {
             name: CategoricalDistribution(list(choices))
             for name, choices in self.space.params().items()
         }
+
+    def propose(self) -> bool:
+        """Ask the sampler for one new candidate within the budget and train it; False
+        when the sampler keeps drawing candidates over the budget or already trained."""
+        distributions = self.distributions()
         rejected = 0  # draws in a row, since the last candidate proposed
         while rejected < MAX_REJECTED_DRAWS:
             with warnings.catch_warnings():

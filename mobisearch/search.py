@@ -315,9 +315,20 @@ def _fail_orphans(study: optuna.Study, claim: Claim, keep: int | None = None) ->
             _fail(study, t._trial_id, "interrupted", f"worker {who} stopped while running it")
 
 
-def _create_trial(study: optuna.Study, attrs: Mapping[str, Any]) -> optuna.Trial:
-    """A RUNNING trial with all of `attrs`, in one write: no moment without them."""
-    template = optuna.trial.create_trial(state=TrialState.RUNNING, user_attrs=dict(attrs))
+def _create_trial(
+    study: optuna.Study,
+    attrs: Mapping[str, Any],
+    params: Mapping[str, Any] | None = None,
+    distributions: Mapping[str, optuna.distributions.BaseDistribution] | None = None,
+) -> optuna.Trial:
+    """A RUNNING trial with all of `attrs` (and `params`), in one write: no moment without
+    them."""
+    template = optuna.trial.create_trial(
+        state=TrialState.RUNNING,
+        user_attrs=dict(attrs),
+        params=dict(params) if params else None,
+        distributions=dict(distributions) if distributions else None,
+    )
     # NOTE: optuna's public add_trial returns nothing; its storage call gives the id.
     trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
     return optuna.trial.Trial(study, trial_id)
@@ -332,6 +343,8 @@ def run_claimed(
     heartbeat_s: float,
     *,
     trial: optuna.Trial | None = None,
+    params: Mapping[str, Any] | None = None,
+    distributions: Mapping[str, optuna.distributions.BaseDistribution] | None = None,
 ) -> dict[str, Any] | None:
     """Run one claimed job: fail its orphans, then (unless done) evaluate and tell.
 
@@ -340,6 +353,9 @@ def run_claimed(
       evaluate: `() -> metrics` (`status`, and `val_accuracy` and `latency_ms` if ok).
       trial: a RUNNING trial to use (one a sampler proposed); by default a new trial is
         created with all of `attrs` in one write.
+      params, distributions: the candidate's parameters of the space, for a new trial (a
+        sampler's search space is the intersection of its finished trials' parameters, so
+        a finished trial without them would leave it empty).
 
     Returns:
       The metrics, or None if the job was done already (then `trial` is failed as a
@@ -354,7 +370,7 @@ def run_claimed(
             return None
         full = {**attrs, "worker": worker_id(), "attempt": len(job.trials) + 1}
         if trial is None:
-            trial = _create_trial(study, full)
+            trial = _create_trial(study, full, params, distributions)
         else:
             for key, value in full.items():
                 study._storage.set_trial_user_attr(trial._trial_id, key, value)

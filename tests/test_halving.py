@@ -46,6 +46,12 @@ QUICK_RUNGS = [
 ]
 
 
+def _drawn(t: optuna.trial.FrozenTrial) -> bool:
+    """Whether the sampler proposed trial `t` (the search's own trials carry parameters too,
+    marked `drawn = False`)."""
+    return bool(t.params) and t.user_attrs.get("drawn", True)
+
+
 def quick_rungs(*extra: str) -> SearchSpace:
     """The quick grid, 16 candidates, rungs at 0.5, 1 and 2 epochs (eta 3, 3 noise runs)."""
     return apply_overrides(load_space(resolve_space_path("quick")), [*QUICK_RUNGS, *extra])
@@ -357,8 +363,8 @@ def check_draws(
             assert max_params is None or t.user_attrs["params"] <= max_params
         if t.state == TrialState.PRUNED:
             assert t.params and t.user_attrs["status"] == "over_budget"
-        if not t.params:
-            continue  # a job after the first rung, or a noise re-run
+        if not _drawn(t):
+            continue  # a job after the first rung, a noise re-run, or a retried job
         arch = space.arch_from_params(t.params)
         cost = count_cost(arch)
         if over(cost):
@@ -415,7 +421,7 @@ def test_sampled_candidates_stay_within_the_budget(data: st.DataObject) -> None:
     check_draws(study, STAGES, max_macs=max_macs, max_params=max_params)
     rungs = check_search(study, STAGES)
     if len(rungs[0]) < trials:  # gave up: only after that many rejections in a row
-        drawn = [t for t in study.trials if t.params]
+        drawn = [t for t in study.trials if _drawn(t)]
         assert len(drawn) >= GIVE_UP_AFTER
         assert all(t.state != TrialState.COMPLETE for t in drawn[-GIVE_UP_AFTER:])
 
@@ -480,7 +486,7 @@ def test_duplicates_are_recognised_by_their_network() -> None:
         study.enqueue_trial(params)
     evaluate = Recorder()
     run_halving(study, space, evaluate, trials=2, **rung_kwargs(space, 2000))
-    drawn = [(t.params, t.state, t.user_attrs.get("status")) for t in study.trials if t.params]
+    drawn = [(t.params, t.state, t.user_attrs.get("status")) for t in study.trials if _drawn(t)]
     assert drawn == [
         (first, TrialState.COMPLETE, "ok"),
         (first, TrialState.FAIL, "duplicate"),
@@ -580,7 +586,7 @@ def test_ctrl_c_then_resume_on_a_sampled_space(tmp_path: Any) -> None:
     finished = set(outcome(study))
     assert len(finished) == 2
     before = len(study.trials)
-    draws = [t.params for t in study.trials if t.params]
+    draws = [t.params for t in study.trials if _drawn(t)]
 
     second = Recorder()
     run_halving(study, STAGES, second, **budget)
@@ -588,7 +594,7 @@ def test_ctrl_c_then_resume_on_a_sampled_space(tmp_path: Any) -> None:
     assert not finished & set(second.keys())
     rungs = check_search(study, STAGES)
     assert [len(r) for r in rungs] == [8, 3, 1]
-    new_draws = [t.params for t in study.trials[before:] if t.params]
+    new_draws = [t.params for t in study.trials[before:] if _drawn(t)]
     n = min(len(draws), len(new_draws))
     assert n >= 3 and new_draws[:n] != draws[:n]
     check_draws(study, STAGES, max_macs=10_000_000, max_params=None)
@@ -648,7 +654,7 @@ def _killed_then_resumed(tmp_path: Any, kill_at: int, optuna_heartbeat_s: int | 
     finished = set(outcome(study))
     assert len(finished) == kill_at - 1
     before = len(study.trials)
-    draws = [t.params for t in study.trials if t.params]
+    draws = [t.params for t in study.trials if _drawn(t)]
 
     resume = Recorder()
     t0 = time.monotonic()
@@ -663,7 +669,7 @@ def _killed_then_resumed(tmp_path: Any, kill_at: int, optuna_heartbeat_s: int | 
     rungs = check_search(study, STAGES)
     assert [len(r) for r in rungs] == [8, 3, 1]
     check_draws(study, STAGES, max_macs=10_000_000, max_params=None)
-    new_draws = [t.params for t in study.trials[before:] if t.params]
+    new_draws = [t.params for t in study.trials[before:] if _drawn(t)]
     n = min(len(draws), len(new_draws))
     if n:  # the rerun drew candidates: not the first run's draws again
         assert new_draws[:n] != draws[:n]
@@ -678,3 +684,17 @@ def test_killed_process_resumes_mid_rung_zero(tmp_path: Any) -> None:
 @pytest.mark.parametrize("kill_at", [10, 13, 15], ids=["noise", "rung1", "rung2"])
 def test_killed_process_resumes_in_a_later_rung(tmp_path: Any, kill_at: int) -> None:
     _killed_then_resumed(tmp_path, kill_at=kill_at, optuna_heartbeat_s=1)
+
+
+def test_every_trial_of_a_per_stage_search_keeps_the_sampler_s_search_space() -> None:
+    """Promotions and noise re-runs carry their candidate's parameters: a sampler's search
+    space is the intersection of its finished trials' parameters, and one without them would
+    leave it empty (NSGA-II would then draw at random)."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    run_halving(study, STAGES, Recorder(), max_macs=3_000_000, trials=6, **STAGE_RUNGS)
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert {t.user_attrs["rung"] for t in done} == {0, 1, 2}
+    names = set(STAGES.params())
+    assert all(set(t.params) == names for t in done)
+    space = optuna.search_space.IntersectionSearchSpace().calculate(study)
+    assert set(space) == names
