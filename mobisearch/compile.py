@@ -170,25 +170,60 @@ class CompileTimes:
         return self.graphs_s + self.trace_s + self.lower_s + self.xla_s
 
 
+# NOTE: the compiled programs take the model's state as one flat tuple of arrays: handing
+# them `nnx.State`s would flatten those (Python pytree nodes) on every call, which at batch
+# 1 costs more than the forward pass itself.
+
+
 @dataclasses.dataclass(frozen=True)
 class CompiledForward:
-    """An eval-mode forward pass: `step(params, rest, x) -> logits`, and its compile."""
+    """An eval-mode forward pass and its compile: `executable(leaves, x) -> logits`, with
+    `leaves` the arrays of `(params, rest)` in `jax.tree.leaves` order.
 
-    step: Any
+    `bind(params, rest)` flattens a state once and gives `x -> logits`; `step(params, rest,
+    x)` flattens it on every call.
+    """
+
+    executable: Any
     times: CompileTimes
 
     @property
     def compile_s(self) -> float:
         return self.times.total_s
 
+    def bind(self, params: Any, rest: Any) -> Callable[[Any], Any]:
+        leaves = tuple(jax.tree.leaves((params, rest)))
+        return lambda x: self.executable(leaves, x)
+
+    def step(self, params: Any, rest: Any, x: Any) -> Any:
+        return self.bind(params, rest)(x)
+
 
 @dataclasses.dataclass(frozen=True)
-class CompiledTrain(CompiledForward):
-    """A train step: `step(params, rest, opt_state, x_all, y_all, idx, rates) -> (params,
-    rest, opt_state, loss)` (the first three donated), its optimizer (with the recipe's own
-    rates, for `init`) and its compile."""
+class CompiledTrain:
+    """A train step and its compile: `executable(leaves, x_all, y_all, idx, rates) ->
+    (leaves, loss)`, with `leaves` the arrays of `(params, rest, opt_state)` in
+    `jax.tree.leaves` order (donated) and `treedef` their structure; `tx` is the optimizer
+    (with the recipe's own rates, for `init`).
 
+    `step(params, rest, opt_state, x_all, y_all, idx, rates) -> (params, rest, opt_state,
+    loss)` flattens and unflattens around one call.
+    """
+
+    executable: Any
+    times: CompileTimes
     tx: optax.GradientTransformation
+    treedef: Any
+
+    @property
+    def compile_s(self) -> float:
+        return self.times.total_s
+
+    def step(self, *args: Any) -> tuple[Any, Any, Any, Any]:
+        leaves = tuple(jax.tree.leaves(args[:3]))
+        new, loss = self.executable(leaves, *args[3:])
+        params, rest, opt_state = jax.tree.unflatten(self.treedef, new)
+        return params, rest, opt_state, loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,8 +290,9 @@ def compile_train(arch: ArchSpec, cfg: TrainConfig, backend: str, n_train: int) 
     start = time.perf_counter()
     graphdef, smoothing = graphs.train, cfg.label_smoothing
 
-    def train_step(params, rest, opt_state, x_all, y_all, idx, rates):  # type: ignore[no-untyped-def]
+    def train_step(leaves, x_all, y_all, idx, rates):  # type: ignore[no-untyped-def]
         TRACE_COUNTS["train_step"] += 1
+        params, rest, opt_state = jax.tree.unflatten(treedef, leaves)
         x, y = ops.take_rows(x_all, y_all, idx, backend=backend)
 
         # copy=True makes fresh Variables inside this trace: NNX refuses to mutate (the
@@ -269,40 +305,43 @@ def compile_train(arch: ArchSpec, cfg: TrainConfig, backend: str, n_train: int) 
         (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
         tx = optim.make_optimizer(cfg, backend=backend, rates=rates)
         params, opt_state = optim.apply_updates(tx, grads, opt_state, params)
-        return params, rest, opt_state, loss
+        return tuple(jax.tree.leaves((params, rest, opt_state))), loss
 
     tx = optim.make_optimizer(cfg, backend=backend)
+    leaves, treedef = jax.tree.flatten(
+        (graphs.params, graphs.rest, jax.eval_shape(tx.init, graphs.params))
+    )
     r, c = arch.resolution, arch.in_ch
     args = (
-        graphs.params,
-        graphs.rest,
-        jax.eval_shape(tx.init, graphs.params),
+        tuple(leaves),
         jax.ShapeDtypeStruct((n_train, r, r, c), jnp.float32),
         jax.ShapeDtypeStruct((n_train,), jnp.int32),
         jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32),
         jax.ShapeDtypeStruct((cfg.steps,), jnp.float32),
     )
     options = train_compiler_options()
-    step, times = _aot_compile(train_step, args, start, graphs_s, options, (0, 1, 2))
-    return CompiledTrain(step, times, tx)
+    step, times = _aot_compile(train_step, args, start, graphs_s, options, (0,))
+    return CompiledTrain(step, times, tx, treedef)
 
 
 @functools.lru_cache(maxsize=32)
 def compile_forward(arch: ArchSpec, backend: str, batch: int) -> CompiledForward:
-    """The eval-mode forward pass `(params, rest, x) -> logits` of `arch` at a fixed batch
-    size, traced and compiled once (cached)."""
+    """The eval-mode forward pass of `arch` at a fixed batch size (`CompiledForward`),
+    traced and compiled once (cached)."""
     graphs, graphs_s = _timed_graphs(arch, backend)
     start = time.perf_counter()
     graphdef = graphs.eval
+    leaves, treedef = jax.tree.flatten((graphs.params, graphs.rest))
 
-    def forward(params, rest, x):  # type: ignore[no-untyped-def]
+    def forward(leaves, x):  # type: ignore[no-untyped-def]
         TRACE_COUNTS["forward"] += 1
+        params, rest = jax.tree.unflatten(treedef, leaves)
         return nnx.merge(graphdef, params, rest)(x)
 
     r, c = arch.resolution, arch.in_ch
     x = jax.ShapeDtypeStruct((batch, r, r, c), jnp.float32)
     options = inference_compiler_options(backend)
-    step, times = _aot_compile(forward, (graphs.params, graphs.rest, x), start, graphs_s, options)
+    step, times = _aot_compile(forward, (tuple(leaves), x), start, graphs_s, options)
     return CompiledForward(step, times)
 
 
@@ -327,7 +366,10 @@ def precompile_forward(
     return submit_compile(compile_forward, arch, backend or ops.default_backend(), batch)
 
 
-def compiled_forward(arch: ArchSpec, backend: str | None = None, *, batch: int) -> Any:
-    """The compiled eval-mode forward pass of `arch`: `fn(params, rest, x) -> logits` with
-    `x` float32 `[batch, r, r, in_ch]` (compiled once per architecture, backend, batch)."""
-    return precompile_forward(arch, backend, batch=batch).result().step
+def compiled_forward(
+    arch: ArchSpec, backend: str | None = None, *, batch: int
+) -> CompiledForward:
+    """The compiled eval-mode forward pass of `arch` for float32 images `[batch, r, r,
+    in_ch]` (compiled once per architecture, backend and batch): `.bind(params, rest)` gives
+    `x -> logits`."""
+    return precompile_forward(arch, backend, batch=batch).result()

@@ -543,9 +543,9 @@ def latency_runner(
 
         model_backend = ops.check_backend(model_backend or ops.default_backend())
         _, params, rest = fresh_split(arch, model_backend, training=False, seed=seed)
-        forward = compiled_forward(arch, model_backend, batch=batch_size)
+        forward = compiled_forward(arch, model_backend, batch=batch_size).bind(params, rest)
         x = jax.device_put(rng.standard_normal((batch_size, r, r, c), np.float32))
-        return lambda: jax.block_until_ready(forward(params, rest, x))
+        return lambda: jax.block_until_ready(forward(x))
 
     from mobisearch.export import inference_session, onnx_model
 

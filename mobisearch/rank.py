@@ -44,9 +44,9 @@ def model_latency(
     backend: str | None = None,
 ) -> dict[str, Any]:
     """Median and spread of one eval-mode forward pass of a trained `(params, rest)`, in ms."""
-    forward = compiled_forward(arch, backend, batch=batch_size)
+    forward = compiled_forward(arch, backend, batch=batch_size).bind(*state)
     x = jnp.zeros((batch_size, arch.resolution, arch.resolution, arch.in_ch), jnp.float32)
-    lat = measure_latency(forward, *state, x, warmup=warmup, iters=iters, batch_size=batch_size)
+    lat = measure_latency(forward, x, warmup=warmup, iters=iters, batch_size=batch_size)
     return _latency_fields(lat, batch_size)
 
 
@@ -120,24 +120,30 @@ class Ranker:
         result = train_and_evaluate(
             arch, cfg, self.data, seed=cfg.seed, backend=self.backend, stats=self.stats
         )
+        metrics = self._metrics(result, seed=cfg.seed)
+        metrics["eval_s"] = result.eval_s
+        metrics["final_loss"] = result.loss_curve[-1] if result.loss_curve else math.nan
+        if result.status != "ok":
+            return metrics
+        metrics |= self._latency(arch, result.state)
+        save_state(result.state, self.checkpoint_path(arch))
+        return metrics
+
+    def _metrics(self, result: Any, *, seed: int) -> dict[str, Any]:
+        """What every trial stores of a training run (`TrainResult` or `RungResult`)."""
         metrics: dict[str, Any] = {
             "status": result.status,
             "reason": result.reason,
-            "seed": cfg.seed,
+            "seed": seed,
             "steps": result.steps,
             "compile_s": result.compile_s,
             "train_s": result.train_s,
-            "eval_s": result.eval_s,
-            "final_loss": result.loss_curve[-1] if result.loss_curve else math.nan,
             "backend": self.backend,
             "device": self.latency_record["device"],
         }
-        if result.status != "ok":
-            return metrics
-        metrics["val_accuracy"] = result.val_accuracy
-        metrics["val_loss"] = result.val_loss
-        metrics |= self._latency(arch, result.state)
-        save_state(result.state, self.checkpoint_path(arch))
+        if result.status == "ok":
+            metrics["val_accuracy"] = result.val_accuracy
+            metrics["val_loss"] = result.val_loss
         return metrics
 
     def _latency(self, arch: ArchSpec, state: Any) -> dict[str, Any]:
@@ -175,22 +181,10 @@ class Ranker:
         if job.latency is None:
             precompile_forward(job.arch, self.backend, batch=self.latency_batch)
         result = self.rungs.train_rung(job.arch, job.rung, seed=job.seed)
-        metrics: dict[str, Any] = {
-            "status": result.status,
-            "reason": result.reason,
-            "seed": job.seed,
-            "rung": job.rung,
-            "steps": result.steps,
-            "resumed_from": result.resumed_from,
-            "compile_s": result.compile_s,
-            "train_s": result.train_s,
-            "backend": self.backend,
-            "device": self.latency_record["device"],
-        }
+        metrics = self._metrics(result, seed=job.seed)
+        metrics["rung"], metrics["resumed_from"] = job.rung, result.resumed_from
         if result.status != "ok":
             return metrics
-        metrics["val_accuracy"] = result.val_accuracy
-        metrics["val_loss"] = result.val_loss
         metrics |= dict(job.latency) if job.latency else self._latency(job.arch, result.state)
         if job.role == "rung":
             save_state(result.state, self.checkpoint_path(job.arch))

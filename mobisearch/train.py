@@ -180,13 +180,13 @@ def _evaluate(
 ) -> tuple[float, float]:
     """Accuracy and mean cross-entropy of `state` on prepared images `x`, by the compiled
     forward at batch `n`; the last batch is padded to `n` instead of compiling another."""
-    params, rest = state
+    forward = compiled.bind(*state)
     correct, loss_sum = 0, 0.0
     for start in range(0, len(x), n):
         xb, yb = x[start : start + n], y[start : start + n]
         if len(xb) < n:
             xb = np.concatenate([xb, np.zeros((n - len(xb), *xb.shape[1:]), xb.dtype)])
-        logits = np.asarray(compiled.step(params, rest, xb), np.float64)[: len(yb)]
+        logits = np.asarray(forward(xb), np.float64)[: len(yb)]
         top = logits.max(axis=1, keepdims=True)
         log_z = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
         correct += int(np.sum(np.argmax(logits, axis=1) == yb))
@@ -278,15 +278,13 @@ def train_steps(
     x_dev, y_dev = _on_device(x_train, data.y_train)
     order = _batch_order(seed, len(x_train), cfg.batch_size, cfg.steps)
     rates_dev = jax.device_put(rates)
-    params, rest, opt_state = state.params, state.rest, state.opt_state
+    leaves = tuple(jax.tree.leaves((state.params, state.rest, state.opt_state)))
     t0 = time.perf_counter()
     losses: list[jax.Array] = []
     status, reason = "ok", ""
     with keep_freed_memory():
         for step in range(state.step, stop):
-            params, rest, opt_state, loss = train.step(
-                params, rest, opt_state, x_dev, y_dev, order[step], rates_dev
-            )
+            leaves, loss = train.executable(leaves, x_dev, y_dev, order[step], rates_dev)
             losses.append(loss)
             if (step + 1) % _CHECK_EVERY == 0 or step + 1 == stop:
                 last = float(loss)
@@ -294,6 +292,7 @@ def train_steps(
                     status, reason = "diverged", f"loss became {last} at step {step + 1}"
                     break
     curve = tuple(float(v) for v in jax.device_get(losses))
+    params, rest, opt_state = jax.tree.unflatten(train.treedef, leaves)
     new = TrainState(params, rest, opt_state, state.step + len(curve))
     return Segment(new, curve, status, reason, time.perf_counter() - t0, compile_s)
 

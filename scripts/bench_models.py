@@ -267,8 +267,10 @@ def mobisearch_runner(case: Case, backend: str | None = None) -> Runner:
         forward = compile_forward(case.arch, backend, case.batch)
         _, params, rest = fresh_split(case.arch, backend, training=False)
 
+        bound = forward.bind(params, rest)
+
         def call() -> Any:
-            return jax.block_until_ready(forward.step(params, rest, x))
+            return jax.block_until_ready(bound(x))
 
         note = f"backend={backend}; mobisearch.compile.compile_forward's program"
         return Runner(call, device, _first_call(call), forward.compile_s, note)
@@ -285,14 +287,14 @@ def mobisearch_runner(case: Case, backend: str | None = None) -> Runner:
     # is one batch and every step takes all of it.
     train = compile_train(case.arch, cfg, backend, case.batch)
     _, params, rest = fresh_split(case.arch, backend, training=True)
-    state = [params, rest, init_optimizer(train.tx, params)]
+    state = [tuple(jax.tree.leaves((params, rest, init_optimizer(train.tx, params))))]
     idx = jnp.arange(case.batch, dtype=jnp.int32)
     rates = recipe_rates(cfg)
 
     def step() -> Any:
         # The step donates its state arguments: keep only the new ones.
-        params, rest, opt_state, loss = train.step(*state, x, y, idx, rates)
-        state[:] = [params, rest, opt_state]
+        leaves, loss = train.executable(state[0], x, y, idx, rates)
+        state[:] = [leaves]
         return jax.block_until_ready((state, loss))
 
     note = f"backend={backend}; mobisearch.compile.compile_train's step, constant lr"

@@ -42,7 +42,7 @@ def test_load_model_is_the_trained_model_in_eval_mode(tmp_path, data) -> None:  
     save_state(result.state, tmp_path / "c.msgpack")
     stats = image_mean_std(data.x_train)
     x = jnp.asarray(train.prepare_images(data.x_val[:16], arch.resolution, stats))
-    want = compile_.compiled_forward(arch, "native", batch=16)(*result.state, x)
+    want = compile_.compiled_forward(arch, "native", batch=16).step(*result.state, x)
     for backend in ("native", "xla"):
         model = load_model(arch, tmp_path / "c.msgpack", backend=backend)
         assert model.backend == backend and model.stem.bn.use_running_average

@@ -54,19 +54,21 @@ def test_compiled_forward_is_the_eval_mode_model(data) -> None:  # type: ignore[
     arch = small_arch(0.5, resolution=12)
     result = train.train_and_evaluate(arch, CFG, data, seed=0)
     job = compile_.precompile_forward(arch, batch=8)
-    forward = compile_.compiled_forward(arch, batch=8)
-    assert job.result().step is forward  # the same cached executable, not a second compile
+    compiled = compile_.compiled_forward(arch, batch=8)
+    assert job.result() is compiled  # the same cached executable, not a second compile
+    forward = compiled.bind(*result.state)
     model = build_model(arch, rngs=nnx.Rngs(0))
     model.eval()
     graphdef, _, _ = nnx.split(model, nnx.Param, ...)
     x = jnp.asarray(train.prepare_images(data.x_val[:8], 12, image_mean_std(data.x_train)))
     expected = nnx.merge(graphdef, *result.state)(x)
-    np.testing.assert_allclose(forward(*result.state, x), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(forward(x), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(compiled.step(*result.state, x), expected, rtol=1e-5, atol=1e-5)
     # Eval mode: the output does not depend on the rest of the batch.
     np.testing.assert_allclose(
-        forward(*result.state, jnp.concatenate([x[:4], x[:4]]))[:4], expected[:4], atol=1e-5
+        forward(jnp.concatenate([x[:4], x[:4]]))[:4], expected[:4], atol=1e-5
     )
-    assert compile_.compiled_forward(arch, batch=4) is not forward
+    assert compile_.compiled_forward(arch, batch=4) is not compiled
 
 
 CACHED_COMPILE = """
@@ -138,22 +140,22 @@ def test_eval_programs_of_native_models_compile_without_ynnpack_fusions() -> Non
     if jax.default_backend() != "cpu" or not kernels.available():
         pytest.skip("needs the CPU backend and the native kernels")
     arch = small_arch()
-    text = compile_.compiled_forward(arch, "native", batch=2).as_text()
+    text = compile_.compiled_forward(arch, "native", batch=2).executable.as_text()
     assert "ynn_fusion" not in text
     # Every BatchNorm (folded inside the kernels), ReLU and residual add is a native call:
     # XLA is left no fusion, however deep the network.
     assert text.count(" fusion(") == 0, text.count(" fusion(")
     # The XLA backend (shift-and-add) keeps XLA's default, which hands fusions to YNNPACK.
-    assert "ynn_fusion" in compile_.compiled_forward(arch, "xla", batch=2).as_text()
+    assert "ynn_fusion" in compile_.compiled_forward(arch, "xla", batch=2).executable.as_text()
 
 
 def test_native_train_step_updates_every_parameter_in_one_call() -> None:
     if jax.default_backend() != "cpu" or not kernels.available():
         pytest.skip("needs the CPU backend and the native kernels")
     arch = small_arch(0.5, resolution=14)
-    hlo = compile_.compile_train(arch, CFG, "native", 64).step.as_text()
+    hlo = compile_.compile_train(arch, CFG, "native", 64).executable.as_text()
     assert hlo.count('custom_call_target="mobisearch_optimizer_update"') == 1
-    xla = compile_.compile_train(arch, CFG, "xla", 64).step.as_text()
+    xla = compile_.compile_train(arch, CFG, "xla", 64).executable.as_text()
     assert "mobisearch_optimizer_update" not in xla
 
 
@@ -163,7 +165,7 @@ def test_native_train_step_is_the_model_s_autodiff_through_native_calls() -> Non
     if jax.default_backend() != "cpu" or not kernels.available():
         pytest.skip("needs the CPU backend and the native kernels")
     arch = small_arch(0.5, resolution=14)  # 2 blocks: 1 stem, 2 dw, 2 pw BatchNorms
-    hlo = compile_.compile_train(arch, CFG, "native", 64).step.as_text()
+    hlo = compile_.compile_train(arch, CFG, "native", 64).executable.as_text()
     for target, n in [
         ("mobisearch_depthwise_fwd", 2),
         ("mobisearch_depthwise_bwd", 2),

@@ -4,7 +4,6 @@ network on both backends (same loss, gradients, running averages and eval logits
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -31,22 +30,7 @@ from mobisearch.presets import mobilenet_v1_small, tiny
 needs_native = pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable")
 
 
-@pytest.fixture(autouse=True)
-def _fast_compile(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Compile with most XLA optimizations off, as flax's example tests do (~2x faster here).
-
-    Not for the `xla` tests: their flop counts are those of the optimized program.
-    """
-    if request.node.get_closest_marker("xla"):
-        yield
-        return
-    flag = "jax_disable_most_optimizations"
-    old = jax.config.read(flag)
-    jax.config.update(flag, True)
-    try:
-        yield
-    finally:
-        jax.config.update(flag, old)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _images(arch: ArchSpec, batch: int, seed: int = 0) -> jax.Array:

@@ -4,7 +4,6 @@ and gradients) of `lax.conv_general_dilated`, flax's layers and optax, to float3
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -22,16 +21,7 @@ needs_native = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def _fast_compile() -> Iterator[None]:
-    """Compile with most XLA optimizations off, as flax's example tests do."""
-    flag = "jax_disable_most_optimizations"
-    old = jax.config.read(flag)
-    jax.config.update(flag, True)
-    try:
-        yield
-    finally:
-        jax.config.update(flag, old)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _assert_close(actual: object, desired: object, what: str, rtol: float = 1e-5) -> None:
