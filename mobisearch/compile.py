@@ -327,7 +327,9 @@ def compile_train(arch: ArchSpec, cfg: TrainConfig, backend: str, n_train: int) 
 @functools.lru_cache(maxsize=32)
 def compile_forward(arch: ArchSpec, backend: str, batch: int) -> CompiledForward:
     """The eval-mode forward pass of `arch` at a fixed batch size (`CompiledForward`),
-    traced and compiled once (cached)."""
+    traced and compiled once (cached), for a model trained on `backend` (run on
+    `mobisearch.ops.inference_backend(backend)`)."""
+    backend = ops.inference_backend(backend)
     graphs, graphs_s = _timed_graphs(arch, backend)
     start = time.perf_counter()
     graphdef = graphs.eval

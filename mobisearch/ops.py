@@ -53,6 +53,7 @@ __all__ = [
     "depthwise_shift",
     "grouped_depthwise",
     "head",
+    "inference_backend",
     "native_applies",
     "pointwise_conv",
     "same_pads",
@@ -93,6 +94,29 @@ def default_backend(platform: str | None = None) -> str:
         return override
     platform = platform or jax.default_backend()
     return "native" if platform == "cpu" and kernels.available() else "xla"
+
+
+@functools.cache
+def _cpu_has_avx512() -> bool:
+    """Whether this CPU has AVX-512 (Linux: `/proc/cpuinfo`'s flags; elsewhere assumed)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return True
+
+
+# NOTE: the eval-mode native kernels (the fused depthwise + BatchNorm + ReLU pass, the
+# BatchNorm affine) beat XLA's fusions on the AVX-512 CPUs measured, but on an AVX2-only
+# CPU XLA's shift-and-add with YNNPACK's fusions ran every inference case faster
+# (docs/performance.md). Training keeps the native kernels on both.
+def inference_backend(backend: str) -> str:
+    """The backend a model trained on `backend` runs its eval-mode programs (validation,
+    latency) on: `"native"` only on a CPU with AVX-512, else `"xla"`; the same network and
+    state either way."""
+    if check_backend(backend) == "native" and not _cpu_has_avx512():
+        return "xla"
+    return backend
 
 
 def native_applies(backend: str, *arrays: Any) -> bool:

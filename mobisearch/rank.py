@@ -164,7 +164,11 @@ class Ranker:
                 iters=lat.iters,
                 backend=self.backend,
             )
-            return metrics | backend_fields
+            return (
+                metrics
+                | backend_fields
+                | {"inference_backend": ops.inference_backend(self.backend)}
+            )
         run = latency_runner(
             arch, backend="onnxruntime", threads=record["threads"], batch_size=self.latency_batch
         )

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from mobisearch import compile as compile_
-from mobisearch import kernels, train
+from mobisearch import kernels, ops, train
 from mobisearch.data import image_mean_std
 from mobisearch.models import build_model
 from tests.test_train import CFG, small_arch
@@ -139,6 +139,8 @@ def test_eval_programs_of_native_models_compile_without_ynnpack_fusions() -> Non
     assert compile_.inference_compiler_options("native", "gpu") == {}
     if jax.default_backend() != "cpu" or not kernels.available():
         pytest.skip("needs the CPU backend and the native kernels")
+    if ops.inference_backend("native") != "native":
+        pytest.skip("this CPU runs eval-mode programs on the xla backend (no AVX-512)")
     arch = small_arch()
     text = compile_.compiled_forward(arch, "native", batch=2).executable.as_text()
     assert "ynn_fusion" not in text
@@ -147,6 +149,17 @@ def test_eval_programs_of_native_models_compile_without_ynnpack_fusions() -> Non
     assert text.count(" fusion(") == 0, text.count(" fusion(")
     # The XLA backend (shift-and-add) keeps XLA's default, which hands fusions to YNNPACK.
     assert "ynn_fusion" in compile_.compiled_forward(arch, "xla", batch=2).executable.as_text()
+
+
+def test_eval_programs_run_the_inference_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model trained on the native backend is evaluated on the xla backend on a CPU
+    without AVX-512 (its eval-mode kernels lose to XLA's fusions there), natively with it;
+    the xla backend stays xla."""
+    monkeypatch.setattr(ops, "_cpu_has_avx512", lambda: False)
+    assert ops.inference_backend("native") == "xla"
+    assert ops.inference_backend("xla") == "xla"
+    monkeypatch.setattr(ops, "_cpu_has_avx512", lambda: True)
+    assert ops.inference_backend("native") == "native"
 
 
 def test_native_train_step_updates_every_parameter_in_one_call() -> None:
