@@ -368,9 +368,7 @@ def precompile_forward(
     return submit_compile(compile_forward, arch, backend or ops.default_backend(), batch)
 
 
-def compiled_forward(
-    arch: ArchSpec, backend: str | None = None, *, batch: int
-) -> CompiledForward:
+def compiled_forward(arch: ArchSpec, backend: str | None = None, *, batch: int) -> CompiledForward:
     """The compiled eval-mode forward pass of `arch` for float32 images `[batch, r, r,
     in_ch]` (compiled once per architecture, backend and batch): `.bind(params, rest)` gives
     `x -> logits`."""
