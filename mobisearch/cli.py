@@ -752,8 +752,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     test_acc, _ = evaluate(
         arch, result.state, data.x_test, data.y_test, cfg=cfg, stats=image_mean_std(data.x_train)
     )
+    cost = count_cost(arch)
     record = {
         "display_id": arch.display_id,
+        "macs": cost.macs,
+        "params": cost.params,
+        "seed": args.seed,
         "epochs": args.epochs,
         "steps": steps,
         "val_accuracy": result.val_accuracy,

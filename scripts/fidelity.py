@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--proxy-space", default="fashion_mnist")
     parser.add_argument("--candidates", type=int, default=12)
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--rungs", type=int, help="re-score only the first N rungs (default: all)")
     parser.add_argument("--out-dir", type=Path, default=Path("results/fidelity"))
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer = RungTrainer(space.fidelity, space.train, data, checkpoint_dir=ckpt)
             stats_ = trainer.stats
             plan, spent = trainer.plan, 0.0
-            for r in range(len(space.fidelity.rungs)):
+            for r in range(min(args.rungs or len(plan.steps), len(plan.steps))):
                 t0 = time.perf_counter()
                 res = trainer.train_rung(arch, r, seed=0)
                 spent += time.perf_counter() - t0
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "n": len(rows),
         "epochs": args.epochs,
+        "candidates": [r["display_id"] for r in rows],
         "machine": device_fingerprint(1)["processor"],
         **correlation([r["search_score"] for r in rows], truth),
         "proxies": {},
