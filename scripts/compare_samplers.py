@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", default="fashion_mnist_stages")
     parser.add_argument("--budget", default="20M")
+    parser.add_argument("--max-params", help="parameter limit of every candidate")
     parser.add_argument("--samplers", nargs="+", default=["nsga2", "tpe", "random"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--trials", type=int, default=30)
@@ -46,12 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         for sampler in args.samplers:
             out = args.work_dir / f"{sampler}-{seed}"
+            shutil.rmtree(out, ignore_errors=True)  # a fresh study, not a resumed one
+            limit = ["--max-params", args.max_params] if args.max_params else []
             t0 = time.perf_counter()
             subprocess.run(
                 [
                     sys.executable, "-m", "mobisearch.cli", "search", "--space", args.space,
                     "--budget", args.budget, "--out-dir", str(out), "--quiet",
-                    "--trials", str(args.trials),
+                    "--trials", str(args.trials), *limit,
                     "--set", "fidelity.rungs=[0.3333]", "--set", "fidelity.noise_candidates=0",
                     "--set", f"search.sampler={sampler}", "--set", f"search.seed={seed}",
                 ],
