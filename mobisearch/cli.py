@@ -744,9 +744,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(
         f"training {arch.display_id} for {args.epochs} epochs ({steps} steps of batch "
         f"{cfg.batch_size}, {cfg.optimizer} at {cfg.learning_rate:g}, warmup {cfg.warmup_steps}, "
-        f"cosine decay) on {data.name}"
+        f"cosine decay, augmentation {args.augment}) on {data.name}"
     )
-    result = train_and_evaluate(arch, cfg, data, seed=args.seed)
+    result = train_and_evaluate(arch, cfg, data, seed=args.seed, augment=args.augment)
     if result.status != "ok":
         raise UsageError(f"training {arch.display_id} failed: {result.reason}")
     test_acc, _ = evaluate(
@@ -759,6 +759,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "params": cost.params,
         "seed": args.seed,
         "epochs": args.epochs,
+        "augment": args.augment,
         "steps": steps,
         "val_accuracy": result.val_accuracy,
         "test_accuracy": test_acc,
@@ -946,6 +947,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", help="space whose dataset and recipe to use")
     p.add_argument("--epochs", type=_positive_int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--augment",
+        choices=("none", "flip"),
+        default="none",
+        help="training-image augmentation: none, or random horizontal flips",
+    )
     p.add_argument("--data-dir", help="folder with the dataset's IDX files")
     p.add_argument("--json", action="store_true")
     p.add_argument(

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from mobisearch.space import TrainConfig
 
 __all__ = [
+    "AUGMENTATIONS",
     "Segment",
     "TrainResult",
     "TrainState",
@@ -46,6 +47,7 @@ __all__ = [
     "start_training",
     "train_and_evaluate",
     "train_steps",
+    "with_flips",
 ]
 
 # How often (in steps) the host reads the loss back to check for divergence: reading it
@@ -97,7 +99,7 @@ def full_recipe(cfg: TrainConfig, *, epochs: int, n_train: int) -> TrainConfig:
     """The full-training recipe of `mobisearch train`: the space's optimizer, peak learning
     rate, batch size, weight decay and label smoothing, for `epochs` passes over `n_train`
     images, with a linear warmup over the first 5% of the steps (at most 500) and a cosine
-    decay to 1% of the peak; no data augmentation.
+    decay to 1% of the peak (augmentation is `train_and_evaluate`'s `augment`).
 
     Examples:
       >>> from mobisearch.config import TrainConfig
@@ -252,6 +254,7 @@ def train_steps(
     seed: int,
     backend: str | None = None,
     stats: tuple[Any, Any] | None = None,
+    augment: str = "none",
 ) -> Segment:
     """Train from `state.step` up to step `stop` (exclusive) of the run of `seed`.
 
@@ -259,7 +262,8 @@ def train_steps(
     long), so a run trained in segments takes the same batches as in one go; `rates` is
     the learning rate of each of the run's `cfg.steps` steps (default: the recipe's own
     schedule), so segments can follow different schedules (a decay branch) on one compiled
-    step. The state passed in is consumed (its buffers are donated to the step).
+    step. The state passed in is consumed (its buffers are donated to the step). `augment`
+    is one of `AUGMENTATIONS` (`with_flips`).
 
     Raises:
       ValueError: if `stop` is not in `(state.step, cfg.steps]` or `rates` has the wrong
@@ -274,9 +278,14 @@ def train_steps(
     if stats is None:
         stats = image_mean_std(data.x_train)
     x_train = prepare_images(data.x_train, arch.resolution, stats)
-    train, compile_s = _cached_call(compile_.compile_train, arch, cfg, backend, len(x_train))
-    x_dev, y_dev = _on_device(x_train, data.y_train)
     order = _batch_order(seed, len(x_train), cfg.batch_size, cfg.steps)
+    y_train = data.y_train
+    if augment == "flip":
+        x_train, y_train, order = with_flips(x_train, y_train, order, seed=seed)
+    elif augment != "none":
+        raise ValueError(f"`augment` (={augment!r}) must be one of {AUGMENTATIONS}")
+    train, compile_s = _cached_call(compile_.compile_train, arch, cfg, backend, len(x_train))
+    x_dev, y_dev = _on_device(x_train, y_train)
     rates_dev = jax.device_put(rates)
     leaves = tuple(jax.tree.leaves((state.params, state.rest, state.opt_state)))
     t0 = time.perf_counter()
@@ -295,6 +304,28 @@ def train_steps(
     params, rest, opt_state = jax.tree.unflatten(train.treedef, leaves)
     new = TrainState(params, rest, opt_state, state.step + len(curve))
     return Segment(new, curve, status, reason, time.perf_counter() - t0, compile_s)
+
+
+AUGMENTATIONS = ("none", "flip")
+
+
+def with_flips(
+    x: np.ndarray, y: np.ndarray, order: np.ndarray, *, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random horizontal flips as a batch order: the images `[n, h, w, c]` and their
+    mirrors side by side (`2n` rows), and `order` sending each visit of image `i` to row
+    `i` or `n + i` at random (seeded), so that every epoch still sees each image once and
+    the compiled step is unchanged.
+
+    Examples:
+      >>> x, y = np.arange(4.0).reshape(1, 1, 4, 1), np.zeros(1, np.int32)
+      >>> x2, y2, o = with_flips(x, y, np.zeros((8, 1), np.int32), seed=0)
+      >>> x2[1, 0, :, 0].tolist(), sorted(set(o.ravel().tolist()))
+      ([3.0, 2.0, 1.0, 0.0], [0, 1])
+    """
+    n = len(x)
+    flips = np.random.default_rng([seed, 1]).integers(0, 2, order.shape, dtype=np.int32)
+    return np.concatenate([x, x[:, :, ::-1]]), np.concatenate([y, y]), order + n * flips
 
 
 # The training split on the device, by source array: candidates of one resolution share it.
@@ -317,6 +348,7 @@ def train_and_evaluate(
     seed: int,
     backend: str | None = None,
     stats: tuple[Any, Any] | None = None,
+    augment: str = "none",
 ) -> TrainResult:
     """Train `arch` with the recipe `cfg` and measure its validation accuracy.
 
@@ -328,6 +360,7 @@ def train_and_evaluate(
       backend: `"xla"` or `"native"` (default `mobisearch.ops.default_backend()`).
       stats: the training split's `image_mean_std`, if the caller has it (a search
         computes it once for all candidates); computed here otherwise.
+      augment: `"none"` (searches) or `"flip"` (random horizontal flips, `with_flips`).
 
     Returns:
       A `TrainResult`; `status == "diverged"` when the loss became NaN or infinite.
@@ -342,9 +375,8 @@ def train_and_evaluate(
     eval_job = compile_.submit_compile(
         _cached_call, compile_.compile_forward, arch, backend, eval_batch
     )
-    _, compile_train_s = _cached_call(
-        compile_.compile_train, arch, cfg, backend, len(data.x_train)
-    )
+    n_train = len(data.x_train) * (2 if augment == "flip" else 1)
+    _, compile_train_s = _cached_call(compile_.compile_train, arch, cfg, backend, n_train)
     ev, compile_eval_s = eval_job.result()
     # Wall time of the two compiles together (0.0 when both were cached); it includes any
     # `precompile_forward` queued before the eval forward.
@@ -352,7 +384,8 @@ def train_and_evaluate(
 
     state = start_training(arch, cfg, seed=seed, backend=backend)
     run = train_steps(
-        arch, cfg, data, state, stop=cfg.steps, seed=seed, backend=backend, stats=stats
+        arch, cfg, data, state, stop=cfg.steps, seed=seed, backend=backend, stats=stats,
+        augment=augment,
     )
     if run.status != "ok":
         return TrainResult(

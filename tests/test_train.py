@@ -106,3 +106,23 @@ def test_loss_falls_on_synthetic(data) -> None:  # type: ignore[no-untyped-def]
     # Typically about 2.3 -> 0.5 mean loss over the first/last 10 steps, 0.95 val accuracy.
     assert curve[-10:].mean() < 0.5 * curve[:10].mean()
     assert result.val_accuracy > 0.5
+
+
+def test_flips_keep_each_epoch_and_mirror_the_images(data) -> None:  # type: ignore[no-untyped-def]
+    """`augment="flip"`: each epoch still visits every image once, about half of the visits
+    in its mirror image, and the run trains (deterministically) on real images."""
+    x = train.prepare_images(data.x_train, 16, image_mean_std(data.x_train))
+    n = len(x)
+    order = train.batch_indices(np.random.default_rng(0), n=n, batch=50, steps=2 * n // 50)
+    x2, y2, o2 = train.with_flips(x, data.y_train, order, seed=0)
+    np.testing.assert_array_equal(x2[n + 7], x[7][:, ::-1])
+    np.testing.assert_array_equal(y2[n:], data.y_train)
+    np.testing.assert_array_equal(o2 % n, order)  # the same images, epoch by epoch
+    assert 0.4 < np.mean(o2 >= n) < 0.6
+    a = train.train_and_evaluate(small_arch(), CFG, data, seed=3, augment="flip")
+    b = train.train_and_evaluate(small_arch(), CFG, data, seed=3, augment="flip")
+    plain = train.train_and_evaluate(small_arch(), CFG, data, seed=3)
+    assert a.status == "ok" and a.loss_curve == b.loss_curve
+    assert a.loss_curve != plain.loss_curve
+    with pytest.raises(ValueError, match="augment"):
+        train.train_and_evaluate(small_arch(), CFG, data, seed=3, augment="rotate")
