@@ -384,7 +384,14 @@ def train_and_evaluate(
 
     state = start_training(arch, cfg, seed=seed, backend=backend)
     run = train_steps(
-        arch, cfg, data, state, stop=cfg.steps, seed=seed, backend=backend, stats=stats,
+        arch,
+        cfg,
+        data,
+        state,
+        stop=cfg.steps,
+        seed=seed,
+        backend=backend,
+        stats=stats,
         augment=augment,
     )
     if run.status != "ok":
