@@ -151,8 +151,9 @@ __all__ = [
     "resolve_space_path",
 ]
 
-# The shipped space `mobisearch search` uses when given none.
-DEFAULT_SPACE = "fashion_mnist"
+# The shipped space `mobisearch search` uses when given none: the per-stage space, whose
+# frontier dominates the uniform grid's at the same budget and recipe (results/).
+DEFAULT_SPACE = "fashion_mnist_stages"
 #: The most candidates `SearchSpace.candidates()` lists; a larger space is sampled.
 MAX_LISTED = 1_000_000
 

@@ -126,7 +126,7 @@ def test_paper_grid() -> None:
 
 
 def test_fashion_mnist_is_the_small_preset() -> None:
-    space = load_space(resolve_space_path(DEFAULT_SPACE))
+    space = load_space(resolve_space_path("fashion_mnist"))
     assert set(space.candidates()) == {
         mobilenet_v1_small(w, r, k)
         for w in (0.25, 0.5, 0.75, 1.0)
@@ -172,7 +172,7 @@ def test_int_width_is_stored_as_float(tmp_path: Path) -> None:
 
 
 def test_preset_and_explicit_give_the_same_base(tmp_path: Path) -> None:
-    explicit = load_space(resolve_space_path(DEFAULT_SPACE))
+    explicit = load_space(resolve_space_path("fashion_mnist"))
     start, end = VALID.index("[arch]"), VALID.index("[data]")
     text = VALID[:start] + '[arch]\npreset = "mobilenet_v1_small"\n\n' + VALID[end:]
     text = text.replace("[16, 20]", "[20, 24, 28]").replace(
@@ -408,7 +408,7 @@ def test_synthetic_data_allows_any_arch(tmp_path: Path) -> None:
 
 
 def test_overrides() -> None:
-    space = load_space(resolve_space_path(DEFAULT_SPACE))
+    space = load_space(resolve_space_path("fashion_mnist"))
     new = apply_overrides(
         space, ["train.steps=200", "axes.width=[0.5,1.0]", "data.validation_size=1000"]
     )
@@ -478,7 +478,7 @@ def test_override_errors(override: str, needles: list[str]) -> None:
 
 
 def test_override_error_names_the_culprit() -> None:
-    space = load_space(resolve_space_path(DEFAULT_SPACE))
+    space = load_space(resolve_space_path("fashion_mnist"))
     # Lowering steps below the warmup is caught, and the message says what to change.
     assert space.train is not None
     warmup = space.train.warmup_steps
