@@ -856,7 +856,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cost)
 
     def study_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--space", help="search-space TOML file or shipped name (default fashion_mnist_stages)")
+        p.add_argument("--space", help="space TOML file or shipped name (fashion_mnist_stages)")
         p.add_argument("--storage", help="optuna storage URL (default: results/<space>/study.db)")
         p.add_argument("--study-name", help="study in the storage (default: from the budget)")
         p.add_argument("--out-dir", help="results folder (default: results/<space>)")
