@@ -83,6 +83,41 @@ def correlation(score: list[float], truth: list[float]) -> dict[str, float]:
     }
 
 
+def summarize(
+    rows: list[dict[str, Any]], *, command: str, epochs: int, start: float
+) -> dict[str, Any]:
+    """τ and Spearman of the search's score and of every proxy against the full training."""
+    truth = [r["full_test_accuracy"] for r in rows]
+    summary: dict[str, Any] = {
+        "command": command,
+        "n": len(rows),
+        "epochs": epochs,
+        "candidates": [r["display_id"] for r in rows],
+        "machine": device_fingerprint(1)["processor"],
+        **correlation([r["search_score"] for r in rows], truth),
+        "proxies": {},
+    }
+    for key in rows[0]:
+        if key.endswith("_score") and key != "search_score":
+            name = key.removesuffix("_score")
+            cost = np.mean([r.get(f"{name}_s", np.nan) for r in rows])
+            summary["proxies"][name] = {
+                **correlation([r[key] for r in rows], truth),
+                "mean_seconds": None if np.isnan(cost) else round(float(cost), 1),
+            }
+    summary["wall_s"] = round(time.perf_counter() - start, 1)
+    return summary
+
+
+def write(rows: list[dict[str, Any]], summary: dict[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / "fidelity.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out_dir / "fidelity.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--storage", required=True)
@@ -105,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     data = _load_data(space, None)
     stats_ = None
     rows: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
     for i, rec in enumerate(picked):
         arch = ArchSpec.from_dict(rec["arch"], source=f"trial {rec['number']}")
         print(f"[{i + 1}/{len(picked)}] {arch.display_id}", flush=True)
@@ -158,32 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         row["full_train_s"] = full["train_s"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-
-    truth = [r["full_test_accuracy"] for r in rows]
-    summary: dict[str, Any] = {
-        "command": command,
-        "n": len(rows),
-        "epochs": args.epochs,
-        "candidates": [r["display_id"] for r in rows],
-        "machine": device_fingerprint(1)["processor"],
-        **correlation([r["search_score"] for r in rows], truth),
-        "proxies": {},
-    }
-    for key in rows[0]:
-        if key.endswith("_score") and key != "search_score":
-            name = key.removesuffix("_score")
-            cost = np.mean([r.get(f"{name}_s", np.nan) for r in rows])
-            summary["proxies"][name] = {
-                **correlation([r[key] for r in rows], truth),
-                "mean_seconds": None if np.isnan(cost) else round(float(cost), 1),
-            }
-    summary["wall_s"] = round(time.perf_counter() - start, 1)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    with (args.out_dir / "fidelity.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (args.out_dir / "fidelity.json").write_text(json.dumps(summary, indent=2) + "\n")
+        # Written after every candidate: a run stopped early keeps what it measured.
+        summary = summarize(rows, command=command, epochs=args.epochs, start=start)
+        write(rows, summary, args.out_dir)
     print(json.dumps(summary, indent=2))
     return 0
 
