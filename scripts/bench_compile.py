@@ -45,7 +45,7 @@ from mobisearch.cli import _load_data
 from mobisearch.cost import parse_count
 from mobisearch.latency import device_fingerprint
 from mobisearch.search import plan_search
-from mobisearch.space import DEFAULT_SPACE, apply_overrides, load_space, resolve_space_path
+from mobisearch.space import apply_overrides, load_space, resolve_space_path
 
 PROGRAMS = ("train", "eval", "forward")
 
@@ -77,7 +77,7 @@ def _entries(folder: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--space", default=DEFAULT_SPACE)
+    parser.add_argument("--space", default="fashion_mnist")
     parser.add_argument("--budget", type=parse_count, default=parse_count("20M"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--data-dir", default=None)

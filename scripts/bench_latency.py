@@ -1,7 +1,7 @@
 """Is latency stable enough to rank candidates, on JAX and in onnxruntime?
 
 Usage:
-    python scripts/bench_latency.py                     # the default space's 24 candidates
+    python scripts/bench_latency.py                     # the uniform grid's 24 candidates
     python scripts/bench_latency.py --rounds 30 --threads 2 --out-dir /tmp/latency
 
 Measures every candidate of a grid space (default `search_spaces/fashion_mnist.toml`,
@@ -239,7 +239,7 @@ def readme(
         for (b, r), v in runs.items()
     )
     lines = [
-        "# Latency on the default space: JAX and onnxruntime, run twice",
+        "# Latency on the uniform grid (fashion_mnist): JAX and onnxruntime, run twice",
         "",
         f"Command: `{command}` ({total_s / 60:.1f} min in all).",
         "",
