@@ -57,7 +57,7 @@ class RungPlan:
 
     Examples:
       >>> from mobisearch.config import FidelityConfig, TrainConfig
-      >>> train = TrainConfig(steps=100, warmup_steps=10, decay_fraction=0.2)
+      >>> train = TrainConfig(steps=100, warmup_steps=5, decay_fraction=0.2)
       >>> plan = RungPlan.build(FidelityConfig(rungs=[1/3, 1, 3]), train, n_train=3840)
       >>> plan.steps, plan.decay, plan.stable_end(0)
       ((10, 30, 90), (2, 4, 12), 8)

@@ -566,7 +566,7 @@ def apply_overrides(space: SearchSpace, overrides: Sequence[str]) -> SearchSpace
       ...     apply_overrides(space, ["train.steps=0"])
       ... except SpaceError as e:
       ...     print(str(e).split(": ", 2)[2])
-      train.steps = 0, expected an integer >= 1
+      train.steps = 0, expected an integer with 1 <= steps <= 10000000
     """
     if isinstance(overrides, str):
         raise TypeError(f"`overrides` (={overrides!r}) must be a list of strings, not a string")

@@ -202,8 +202,6 @@ def test_postgres_url_without_a_driver(tmp_path) -> None:  # type: ignore[no-unt
 @needs_fashion
 def test_read_only_and_full_storage_exit_2(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A read-only study and a full disk: one line, exit 2, the stored study intact."""
-    import resource
-
     import optuna
 
     from mobisearch import workers
@@ -230,14 +228,18 @@ def test_read_only_and_full_storage_exit_2(tmp_path) -> None:  # type: ignore[no
     _one_line_exit_2(proc, "readonly database")
     unchanged()
 
-    def full_disk() -> None:  # no file may grow: as a full disk does to SQLite
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
-
+    # No file may grow, as a full disk does to SQLite. The limit is set in the child itself:
+    # a `preexec_fn` would fork this process, which has JAX's threads running.
+    full_disk = (
+        "import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({size}, {size})); "
+        "sys.argv = ['mobisearch', *sys.argv[1:]]; "
+        "runpy.run_module('mobisearch.cli', run_name='__main__')"
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "mobisearch.cli", "search", "--space", "quick", "--storage",
+        [sys.executable, "-c", full_disk, "search", "--space", "quick", "--storage",
          f"sqlite:///{db}", "--out-dir", str(tmp_path / "out"), "--quiet"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, preexec_fn=full_disk,
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
     )  # fmt: skip
     _one_line_exit_2(proc, f"sqlite:///{db}")
     unchanged()

@@ -3,6 +3,8 @@ compile options, and what XLA is left to compile (real JAX, tiny)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,18 +19,19 @@ from tests.test_train import CFG, small_arch
 
 
 def test_compiles_once_per_architecture(data) -> None:  # type: ignore[no-untyped-def]
-    arch = small_arch()
+    # An architecture and recipe no other test compiles: the programs are cached per process.
+    arch, cfg = small_arch(resolution=14), dataclasses.replace(CFG, steps=11)
     before = dict(compile_.TRACE_COUNTS)
-    first = train.train_and_evaluate(arch, CFG, data, seed=0)
+    first = train.train_and_evaluate(arch, cfg, data, seed=0)
     traced = {k: compile_.TRACE_COUNTS[k] - before[k] for k in before}
-    # 12 steps and 3 eval batches, yet each program was traced exactly once.
+    # 11 steps and 3 eval batches, yet each program was traced exactly once.
     assert traced == {"train_step": 1, "forward": 1}
     assert first.compile_s > 0
-    second = train.train_and_evaluate(arch, CFG, data, seed=1)
+    second = train.train_and_evaluate(arch, cfg, data, seed=1)
     assert {k: compile_.TRACE_COUNTS[k] - before[k] for k in before} == traced
     assert second.compile_s == 0.0
-    assert first.steps == second.steps == CFG.steps
-    assert len(first.loss_curve) == CFG.steps
+    assert first.steps == second.steps == cfg.steps
+    assert len(first.loss_curve) == cfg.steps
 
 
 def test_compile_times_split_each_compile() -> None:

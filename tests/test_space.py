@@ -222,7 +222,7 @@ ERROR_CASES = [
     ('[space]\nname = "t"\n', "", ["space: missing table"]),
     ('name = "t"', 'description = "d"', ["space.name: missing key"]),
     ("kernel = [3, 5]", "", ["axes.kernel: missing key", "odd integers"]),
-    ("steps = 20", "", ["train.steps: missing key", "an integer >= 1"]),
+    ("steps = 20", "", ["train.steps: missing key", "an integer with 1 <= steps <= 10000000"]),
     ("arch_def = [", "stages = [", ["arch.stages: unknown key"]),
     # space.name
     ('name = "t"', 'name = "my space"', ['space.name = "my space"', "identifier"]),
@@ -290,8 +290,8 @@ ERROR_CASES = [
     ("train_size = 2000", "train_size = 59001", ["data.train_size = 59001", "<= 59000"]),
     ("train_size = 2000", "train_size = 2000\nsplit_seed = -1", ["data.split_seed = -1"]),
     # train
-    ("steps = 20", "steps = true", ["train.steps = true, expected an integer >= 1"]),
-    ("steps = 20", "steps = 0", ["train.steps = 0, expected an integer >= 1"]),
+    ("steps = 20", "steps = true", ["train.steps = true, expected an integer with 1 <= steps"]),
+    ("steps = 20", "steps = 0", ["train.steps = 0, expected an integer with 1 <= steps <= 1"]),
     ("steps = 20", "steps = 20.0", ["train.steps = 20.0"]),
     (
         "batch_size = 64",
