@@ -949,9 +949,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--augment",
-        choices=("none", "flip"),
+        choices=("none", "flip", "flip+shift"),  # train.AUGMENTATIONS, without importing jax
         default="none",
-        help="training-image augmentation: none, or random horizontal flips",
+        help="training-image augmentation: none, random horizontal flips, or flips and "
+        "random 2-pixel translations",
     )
     p.add_argument("--data-dir", help="folder with the dataset's IDX files")
     p.add_argument("--json", action="store_true")

@@ -263,7 +263,7 @@ def train_steps(
     the learning rate of each of the run's `cfg.steps` steps (default: the recipe's own
     schedule), so segments can follow different schedules (a decay branch) on one compiled
     step. The state passed in is consumed (its buffers are donated to the step). `augment`
-    is one of `AUGMENTATIONS` (`with_flips`).
+    is one of `AUGMENTATIONS` (`with_shifts`, `with_flips`).
 
     Raises:
       ValueError: if `stop` is not in `(state.step, cfg.steps]` or `rates` has the wrong
@@ -280,10 +280,12 @@ def train_steps(
     x_train = prepare_images(data.x_train, arch.resolution, stats)
     order = _batch_order(seed, len(x_train), cfg.batch_size, cfg.steps)
     y_train = data.y_train
-    if augment == "flip":
-        x_train, y_train, order = with_flips(x_train, y_train, order, seed=seed)
-    elif augment != "none":
+    if augment not in AUGMENTATIONS:
         raise ValueError(f"`augment` (={augment!r}) must be one of {AUGMENTATIONS}")
+    if "shift" in augment:
+        x_train, y_train, order = with_shifts(x_train, y_train, order, seed=seed)
+    if "flip" in augment:
+        x_train, y_train, order = with_flips(x_train, y_train, order, seed=seed)
     train, compile_s = _cached_call(compile_.compile_train, arch, cfg, backend, len(x_train))
     x_dev, y_dev = _on_device(x_train, y_train)
     rates_dev = jax.device_put(rates)
@@ -306,7 +308,9 @@ def train_steps(
     return Segment(new, curve, status, reason, time.perf_counter() - t0, compile_s)
 
 
-AUGMENTATIONS = ("none", "flip")
+AUGMENTATIONS = ("none", "flip", "flip+shift")
+# Copies of the training split each augmentation holds (the compiled step's input size).
+_COPIES = {"none": 1, "flip": 2, "flip+shift": 18}
 
 
 def with_flips(
@@ -326,6 +330,32 @@ def with_flips(
     n = len(x)
     flips = np.random.default_rng([seed, 1]).integers(0, 2, order.shape, dtype=np.int32)
     return np.concatenate([x, x[:, :, ::-1]]), np.concatenate([y, y]), order + n * flips
+
+
+def with_shifts(
+    x: np.ndarray, y: np.ndarray, order: np.ndarray, *, seed: int, pixels: int = 2
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random translations as a batch order, as `with_flips`: the images `[n, h, w, c]`
+    shifted by each of `(dy, dx)` in `{-pixels, 0, pixels}²` (9 copies, `9n` rows, the
+    border pixels repeated into the gap), and `order` sending each visit to one copy at
+    random (seeded).
+
+    Examples:
+      >>> x, y = np.arange(4.0).reshape(1, 1, 4, 1), np.zeros(1, np.int32)
+      >>> x2, y2, o = with_shifts(x, y, np.zeros((64, 1), np.int32), seed=0, pixels=1)
+      >>> x2.shape, x2[1, 0, :, 0].tolist(), sorted(set(o.ravel().tolist()))
+      ((9, 1, 4, 1), [1.0, 2.0, 3.0, 3.0], [0, 1, 2, 3, 4, 5, 6, 7, 8])
+    """
+    n, h, w = x.shape[:3]
+    p = pixels
+    padded = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode="edge")
+    copies = [
+        padded[:, p + dy : p + dy + h, p + dx : p + dx + w]
+        for dy in (0, -p, p)
+        for dx in (0, p, -p)
+    ]
+    pick = np.random.default_rng([seed, 2]).integers(0, len(copies), order.shape, np.int32)
+    return np.concatenate(copies), np.tile(y, len(copies)), order + n * pick
 
 
 # The training split on the device, by source array: candidates of one resolution share it.
@@ -360,7 +390,8 @@ def train_and_evaluate(
       backend: `"xla"` or `"native"` (default `mobisearch.ops.default_backend()`).
       stats: the training split's `image_mean_std`, if the caller has it (a search
         computes it once for all candidates); computed here otherwise.
-      augment: `"none"` (searches) or `"flip"` (random horizontal flips, `with_flips`).
+      augment: `"none"` (searches), `"flip"` (random horizontal flips, `with_flips`) or
+        `"flip+shift"` (and random ±2-pixel translations, `with_shifts`).
 
     Returns:
       A `TrainResult`; `status == "diverged"` when the loss became NaN or infinite.
@@ -375,7 +406,7 @@ def train_and_evaluate(
     eval_job = compile_.submit_compile(
         _cached_call, compile_.compile_forward, arch, backend, eval_batch
     )
-    n_train = len(data.x_train) * (2 if augment == "flip" else 1)
+    n_train = len(data.x_train) * _COPIES.get(augment, 1)
     _, compile_train_s = _cached_call(compile_.compile_train, arch, cfg, backend, n_train)
     ev, compile_eval_s = eval_job.result()
     # Wall time of the two compiles together (0.0 when both were cached); it includes any

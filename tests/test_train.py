@@ -126,3 +126,23 @@ def test_flips_keep_each_epoch_and_mirror_the_images(data) -> None:  # type: ign
     assert a.loss_curve != plain.loss_curve
     with pytest.raises(ValueError, match="augment"):
         train.train_and_evaluate(small_arch(), CFG, data, seed=3, augment="rotate")
+
+
+def test_shifts_keep_each_epoch_and_translate_the_images(data) -> None:  # type: ignore[no-untyped-def]
+    """`augment="flip+shift"`: every visit goes to one of 9 translated copies (18 with the
+    mirrors) of the same image, spread evenly, and the run trains on them."""
+    x = train.prepare_images(data.x_train, 16, image_mean_std(data.x_train))
+    n = len(x)
+    order = train.batch_indices(np.random.default_rng(0), n=n, batch=50, steps=2 * n // 50)
+    x9, y9, o9 = train.with_shifts(x, data.y_train, order, seed=0, pixels=2)
+    assert x9.shape == (9 * n, *x.shape[1:])
+    np.testing.assert_array_equal(x9[:n], x)  # copy 0: unshifted
+    np.testing.assert_array_equal(x9[n + 5][:, :-2], x[5][:, 2:])  # copy 1: 2 px left
+    np.testing.assert_array_equal(x9[n + 5][:, -2:], x[5][:, -1:].repeat(2, axis=1))
+    np.testing.assert_array_equal(y9[4 * n : 5 * n], data.y_train)
+    np.testing.assert_array_equal(o9 % n, order)
+    counts = np.bincount((o9 // n).ravel(), minlength=9)
+    assert counts.min() > 0.7 * counts.mean()
+    a = train.train_and_evaluate(small_arch(), CFG, data, seed=3, augment="flip+shift")
+    flips = train.train_and_evaluate(small_arch(), CFG, data, seed=3, augment="flip")
+    assert a.status == "ok" and a.loss_curve != flips.loss_curve
