@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -1018,5 +1019,20 @@ def _sqlalchemy_error() -> type[Exception]:
     return sqlalchemy.exc.SQLAlchemyError
 
 
+def run(argv: Sequence[str] | None = None) -> NoReturn:
+    """The command line's entry point: `main`, then exit with its status.
+
+    After Ctrl-C it exits at once, without joining the compile pool's thread: a compile
+    still running there would hold the exit for as long as it takes, and everything the
+    search stores is committed as it goes.
+    """
+    code = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code == 130:
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -2,7 +2,7 @@
 
 import sys
 
-from mobisearch.cli import main
+from mobisearch.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["search", *sys.argv[1:]]))
+    run(["search", *sys.argv[1:]])
